@@ -356,7 +356,8 @@ struct __attribute__((packed)) DirLeaf {
   uint8_t entries[kDirLeafSpace];
 };
 static_assert(sizeof(DirLeaf) == kBlockSize);
-inline constexpr uint16_t kDirMaxDepth = 32;
+// Global depth is bounded by the table blocks the root can name: 2^16 slots.
+inline constexpr uint16_t kDirMaxDepth = 16;
 
 // ---------------------------------------------------------------------------------
 // Xattrs: inline area of the inode, then one external XattrBlock.
