@@ -47,10 +47,13 @@ class BlockDevice {
 inline Status CheckIo(uint64_t offset, const void* buf, size_t len, uint64_t size) {
   if (offset % kSectorSize != 0 || len % kSectorSize != 0 ||
       reinterpret_cast<uintptr_t>(buf) % kIoAlign != 0) {
-    return Err(Code::kInvalid, "unaligned I/O");
+    return Err(Code::kInvalid, "unaligned I/O at offset " + std::to_string(offset) + " (" +
+                                   std::to_string(len) + " bytes)");
   }
   if (offset > size || len > size - offset) {
-    return Err(Code::kInvalid, "I/O beyond end of device");
+    return Err(Code::kInvalid, "I/O beyond end of device at offset " +
+                                   std::to_string(offset) + " (" + std::to_string(len) +
+                                   " bytes, device " + std::to_string(size) + " bytes)");
   }
   return Status::Ok();
 }

@@ -1,0 +1,4 @@
+list(APPEND AGORAFS_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/file_device.cc
+  ${CMAKE_CURRENT_LIST_DIR}/mem_device.cc
+  ${CMAKE_CURRENT_LIST_DIR}/fault_device.cc)

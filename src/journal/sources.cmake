@@ -1,0 +1,3 @@
+list(APPEND AGORAFS_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/journal.cc
+  ${CMAKE_CURRENT_LIST_DIR}/journal_replay.cc)
