@@ -415,6 +415,15 @@ struct Geometry {
   bool InDataArea(uint64_t blk) const {
     return blk >= ag_start && blk < total_blocks - 1;
   }
+  // A slot's orphan-list blocks: metadata that goes through the journal although it
+  // lies in the slot region.
+  bool IsOrphanBlock(uint64_t blk) const {
+    if (blk < slot_start || blk >= slot_start + uint64_t(node_slots) * slot_blocks) return false;
+    uint64_t i = (blk - slot_start) % slot_blocks;
+    return i >= kSlotOrphan && i < kSlotOrphan + kSlotOrphanBlocks;
+  }
+  // Blocks a journal transaction may write home.
+  bool Journaled(uint64_t blk) const { return InDataArea(blk) || IsOrphanBlock(blk); }
 };
 
 struct MkfsParams {
