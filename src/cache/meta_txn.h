@@ -13,7 +13,9 @@
 //   caller then changes the payload in place. The checksum is computed at commit,
 //   so callers never call SealBlock on cache blocks.
 // - NewBlock(type, lock, hint): allocates a metadata block (in hint's allocation
-//   group when it can), gives it a fresh header and a zeroed payload, dirty.
+//   group when it can), gives it a fresh header and a zeroed payload, dirty. A lock
+//   whose number is 0 (SelfLock(kind)) means "the lock of that kind named by the new
+//   block's own number": new inodes and new directory leaves are their own locks.
 // - AllocData(hint, want): allocates 1..want contiguous blocks for file data; the
 //   blocks are not in the cache and are not zeroed.
 // - Free(blk, n): returns blocks to their allocation group. They are not reused until
@@ -66,6 +68,10 @@ class MetaTxn {
   }
 };
 
+inline LockId SelfLock(LockKind k) { return MakeLockId(k, 0); }
+inline LockId ResolveLock(LockId lock, uint64_t blk) {
+  return LockIdNumber(lock) == 0 ? MakeLockId(LockIdKind(lock), blk) : lock;
+}
 inline LockId InodeLock(uint64_t ino) { return MakeLockId(LockKind::kInode, ino); }
 inline LockId LeafLock(uint64_t blk) { return MakeLockId(LockKind::kDirLeaf, blk); }
 inline LockId AgLock(uint32_t ag) { return MakeLockId(LockKind::kAg, ag); }

@@ -49,7 +49,7 @@ class TestMetaTxn : public MetaTxn {
     auto& b = blocks_[a->start];
     b.assign(kBlockSize, 0);
     InitHeader(b.data(), type, a->start, uuid_);
-    locks_[a->start] = lock;
+    locks_[a->start] = ResolveLock(lock, a->start);
     return std::make_pair(a->start, b.data());
   }
   Result<Allocation> AllocData(uint64_t hint, uint32_t want) override {

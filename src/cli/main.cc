@@ -1,8 +1,61 @@
+// agorafs command line: mkfs, mount, info, fsck. Thin: every verb calls libagorafs.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <spdlog/sinks/syslog_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "cli/commands.h"
 
 int main(int argc, char** argv) {
+  using namespace agorafs;
   CLI::App app{"agorafs: a shared-disk cluster filesystem"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", "agorafs 0.1.0");
+
+  MkfsArgs mk;
+  auto* mkfs = app.add_subcommand("mkfs", "Create a filesystem on DEVICE");
+  mkfs->add_option("--nodes", mk.nodes, "Node slots (1..1024)")->default_val(16);
+  mkfs->add_option("--journal-size", mk.journal_size, "Journal size per node, e.g. 16M")
+      ->default_val("");
+  mkfs->add_option("--label", mk.label, "Filesystem label")->default_val("");
+  mkfs->add_option("--profile", mk.profile, "Cluster timing profile: default or fast")
+      ->check(CLI::IsMember({"default", "fast"}))
+      ->default_val("default");
+  mkfs->add_option("--size", mk.size, "Create the image file with this size (e.g. 1G)")
+      ->default_val("");
+  mkfs->add_flag("--force", mk.force, "Overwrite an existing filesystem");
+  mkfs->add_option("DEVICE", mk.device, "Block device or image file")->required();
+
+  MountArgs mo;
+  auto* mount = app.add_subcommand("mount", "Mount DEVICE on MOUNTPOINT");
+  mount->add_flag("-f,--foreground", mo.foreground, "Stay in the foreground");
+  mount->add_option("-o", mo.options, "Comma-separated mount options")->default_val("");
+  mount->add_option("DEVICE", mo.device, "Block device or image file")->required();
+  mount->add_option("MOUNTPOINT", mo.mountpoint, "Directory to mount on")->required();
+
+  InfoArgs in;
+  auto* info = app.add_subcommand("info", "Show the filesystem's layout and state");
+  info->add_flag("--json", in.json, "Machine-readable output");
+  info->add_option("DEVICE", in.device, "Block device or image file")->required();
+
+  FsckArgs fk;
+  auto* fsck = app.add_subcommand("fsck", "Check (and with --repair, repair) a filesystem");
+  fsck->add_flag("--repair", fk.repair, "Repair what is found");
+  fsck->add_flag("--json", fk.json, "Machine-readable report");
+  fsck->add_option("DEVICE", fk.device, "Block device or image file")->required();
+
   CLI11_PARSE(app, argc, argv);
-  return 0;
+  if (mkfs->parsed()) return RunMkfs(mk);
+  if (mount->parsed()) return RunMount(mo);
+  if (info->parsed()) return RunInfo(in);
+  if (fsck->parsed()) return RunFsck(fk);
+  return 2;
 }

@@ -31,6 +31,7 @@ const char* CodeName(Code c) {
     case Code::kNoMemory: return "NoMemory";
     case Code::kAgain: return "Again";
     case Code::kBadHandle: return "BadHandle";
+    case Code::kNoAddress: return "NoAddress";
   }
   return "Unknown";
 }

@@ -45,6 +45,7 @@ enum class Code : int {
   kNoMemory,      // ENOMEM
   kAgain,         // EAGAIN
   kBadHandle,     // EBADF
+  kNoAddress,     // ENXIO (lseek past the end for SEEK_DATA/SEEK_HOLE)
 };
 
 const char* CodeName(Code c);

@@ -1,0 +1,563 @@
+#include "cache/meta_store.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+namespace agorafs {
+
+MetaStore::MetaStore(BlockDevice* dev, const Superblock& sb, Journal* journal,
+                     LockManager* locks, StoreOptions opts)
+    : dev_(dev), sb_(sb), g_(GeometryOf(sb)), journal_(journal), locks_(locks), opts_(opts) {
+  std::memcpy(uuid_.data(), sb.hdr.uuid, uuid_.size());
+  if (opts_.cache_blocks < 256) opts_.cache_blocks = 256;
+}
+
+MetaStore::~MetaStore() { Stop(); }
+
+size_t MetaStore::TxnLimit() const {
+  // A transaction must fit in half the log, so that a full checkpoint always makes
+  // room for it; keep a margin for descriptor blocks.
+  size_t cap = journal_->Capacity();
+  return std::max<size_t>(16, cap / 3);
+}
+
+Status MetaStore::Init() {
+  running_seq_ = journal_->last_committed() + 1;
+  ag_free_.assign(g_.ag_count, 0);
+  ag_rotor_.assign(g_.ag_count, 0);
+  ag_bad_.assign(g_.ag_count, false);
+  AlignedBuffer buf(kBlockSize);
+  free_total_ = 0;
+  for (uint32_t ag = 0; ag < g_.ag_count; ag++) {
+    uint64_t blk = g_.AgStart(ag);
+    Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
+    if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
+    const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
+    if (st.ok() && (h->ag_index != ag || h->blocks != g_.AgSize(ag) || h->free_blocks > h->blocks)) {
+      st = Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
+    }
+    if (!st.ok()) {
+      if (st.Is(Code::kIOError)) return st;
+      spdlog::error("allocation group {} unusable: {}", ag, st.ToString());
+      ag_bad_[ag] = true;
+      continue;
+    }
+    ag_free_[ag] = h->free_blocks;
+    free_total_ += h->free_blocks;
+  }
+  if (opts_.background) bg_ = std::thread([this] { BackgroundLoop(); });
+  return Status::Ok();
+}
+
+void MetaStore::Stop() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  bg_cv_.notify_all();
+  if (bg_.joinable()) bg_.join();
+}
+
+void MetaStore::BackgroundLoop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!stop_) {
+    bg_cv_.wait_for(lk, std::chrono::milliseconds(opts_.commit_interval_ms));
+    if (stop_) break;
+    bool work = !dirty_.empty() || !committed_.empty();
+    if (!work || !failed_.ok()) continue;
+    lk.unlock();
+    {
+      std::lock_guard<std::mutex> clk(commit_mu_);
+      Status st = CommitInternal();
+      if (st.ok() && (journal_->FreeBlocks() < journal_->Capacity() / 2 ||
+                      cache_.size() > opts_.cache_blocks)) {
+        st = CheckpointInternal();
+      }
+      if (!st.ok()) spdlog::error("background commit failed: {}", st.ToString());
+    }
+    lk.lock();
+  }
+}
+
+// ------------------------------------------------------------------------------
+// Handles
+
+MetaStore::Handle::Handle(MetaStore* s, bool ro)
+    : s_(s), lk_(s->mu_), read_only_(ro), seq_(s->running_seq_) {
+  s_->EvictLocked();
+}
+
+MetaStore::Handle::~Handle() { s_->EvictLocked(); }
+
+const Uuid& MetaStore::Handle::uuid() const { return s_->uuid_; }
+
+std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t credits) {
+  for (;;) {
+    std::unique_ptr<Handle> h(new Handle(this, read_only));
+    if (read_only || !failed_.ok()) return h;
+    bool txn_full = dirty_.size() + credits > TxnLimit();
+    bool cache_full = cache_.size() > opts_.cache_blocks + opts_.cache_blocks / 4;
+    if (!txn_full && !cache_full) return h;
+    h.reset();
+    std::lock_guard<std::mutex> clk(commit_mu_);
+    Status st = CommitInternal();
+    if (st.ok() && cache_full) st = CheckpointInternal();
+    if (!st.ok()) spdlog::error("commit to make room failed: {}", st.ToString());
+  }
+}
+
+Result<const uint8_t*> MetaStore::Handle::Read(uint64_t blk, BlockType type, LockId lock) {
+  auto b = s_->GetLocked(blk, type, lock, false);
+  if (!b.ok()) return b.status();
+  return static_cast<const uint8_t*>((*b)->data.data());
+}
+
+Result<uint8_t*> MetaStore::Handle::Write(uint64_t blk, BlockType type, LockId lock) {
+  if (read_only_) return Err(Code::kReadOnly, "write through a read-only handle");
+  if (!s_->failed_.ok()) return s_->failed_;
+  auto b = s_->GetLocked(blk, type, lock, true);
+  if (!b.ok()) return b.status();
+  return (*b)->data.data();
+}
+
+Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlock(BlockType type, LockId lock,
+                                                                  uint64_t hint) {
+  if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
+  if (!s_->failed_.ok()) return s_->failed_;
+  auto a = s_->AllocLocked(hint, 1, true);
+  if (!a.ok()) return a.status();
+  uint64_t blk = a->start;
+  s_->DropBufferLocked(blk);
+  lock = ResolveLock(lock, blk);
+  auto b = std::make_unique<Buffer>();
+  b->blk = blk;
+  b->lock = lock;
+  InitHeader(b->data.data(), type, blk, s_->uuid_);
+  Buffer* raw = b.get();
+  s_->cache_[blk] = std::move(b);
+  s_->by_lock_[lock].insert(blk);
+  s_->MarkDirty(raw);
+  return std::make_pair(blk, raw->data.data());
+}
+
+Result<Allocation> MetaStore::Handle::AllocData(uint64_t hint, uint32_t want) {
+  if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
+  if (!s_->failed_.ok()) return s_->failed_;
+  return s_->AllocLocked(hint, want, false);
+}
+
+Status MetaStore::Handle::Free(uint64_t blk, uint64_t count) {
+  if (read_only_) return Err(Code::kReadOnly, "free through a read-only handle");
+  if (!s_->failed_.ok()) return s_->failed_;
+  return s_->FreeLocked(blk, count);
+}
+
+// ------------------------------------------------------------------------------
+// Cache
+
+void MetaStore::Touch(Buffer* b) {
+  if (b->in_lru) lru_.splice(lru_.begin(), lru_, b->lru);
+}
+
+void MetaStore::MarkDirty(Buffer* b) {
+  if (b->dirty) return;
+  b->dirty = true;
+  dirty_.insert(b->blk);
+  if (b->in_lru) {
+    lru_.erase(b->lru);
+    b->in_lru = false;
+  }
+}
+
+void MetaStore::DropBufferLocked(uint64_t blk) {
+  auto it = cache_.find(blk);
+  if (it == cache_.end()) return;
+  Buffer* b = it->second.get();
+  if (b->in_lru) lru_.erase(b->lru);
+  if (b->dirty) dirty_.erase(blk);
+  auto bl = by_lock_.find(b->lock);
+  if (bl != by_lock_.end()) {
+    bl->second.erase(blk);
+    if (bl->second.empty()) by_lock_.erase(bl);
+  }
+  cache_.erase(it);
+}
+
+void MetaStore::EvictLocked() {
+  while (cache_.size() > opts_.cache_blocks && !lru_.empty()) {
+    DropBufferLocked(lru_.back());
+  }
+}
+
+Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, LockId lock,
+                                                bool for_write) {
+  auto it = cache_.find(blk);
+  Buffer* b;
+  if (it != cache_.end()) {
+    b = it->second.get();
+    stats_.cache_hits++;
+    if (Header(b->data.data())->type != static_cast<uint16_t>(type)) {
+      return Err(Code::kCorruption, std::string(BlockTypeName(type)) + " block " +
+                                        std::to_string(blk) + " is cached as a " +
+                                        BlockTypeName(BlockType(Header(b->data.data())->type)));
+    }
+    if (b->lock != lock) {
+      return Err(Code::kCorruption, "block " + std::to_string(blk) + " is covered by another lock");
+    }
+  } else {
+    stats_.cache_misses++;
+    if (!g_.Journaled(blk)) {
+      return Err(Code::kCorruption, std::string(BlockTypeName(type)) + " block " +
+                                        std::to_string(blk) + " is outside the data area");
+    }
+    AGFS_RETURN_IF_ERROR(
+        locks_->Acquire(lock, for_write ? LockMode::kExclusive : LockMode::kShared));
+    auto nb = std::make_unique<Buffer>();
+    nb->blk = blk;
+    nb->lock = lock;
+    AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, nb->data.data(), kBlockSize));
+    Status st = VerifyBlock(nb->data.data(), type, blk, uuid_);
+    if (!st.ok()) {
+      spdlog::error("{}", st.ToString());
+      return st;
+    }
+    b = nb.get();
+    cache_[blk] = std::move(nb);
+    by_lock_[lock].insert(blk);
+    lru_.push_front(blk);
+    b->lru = lru_.begin();
+    b->in_lru = true;
+  }
+  Touch(b);
+  if (for_write) MarkDirty(b);
+  return b;
+}
+
+// ------------------------------------------------------------------------------
+// Allocation
+
+bool MetaStore::PendingFree(uint64_t blk, uint64_t* skip_to) const {
+  auto it = pending_free_.upper_bound(blk);
+  if (it == pending_free_.begin()) return false;
+  --it;
+  if (blk < it->first + it->second.first) {
+    *skip_to = it->first + it->second.first;
+    return true;
+  }
+  return false;
+}
+
+Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want) {
+  const uint64_t base = g_.AgStart(ag);
+  const uint32_t size = g_.AgSize(ag);
+  uint64_t i = from;
+  while (i < size) {
+    uint32_t bm = static_cast<uint32_t>(i / kBitsPerBitmap);
+    uint64_t bmblk = base + 1 + bm;
+    auto rb = GetLocked(bmblk, BlockType::kBitmap, AgLock(ag), false);
+    if (!rb.ok()) return rb.status();
+    const auto* bmp = reinterpret_cast<const BitmapBlock*>((*rb)->data.data());
+    uint64_t bm_end = std::min<uint64_t>(size, uint64_t(bm + 1) * kBitsPerBitmap);
+    // Find a free bit in [i, bm_end).
+    while (i < bm_end) {
+      uint64_t bit = i - uint64_t(bm) * kBitsPerBitmap;
+      if ((bit & 7) == 0 && bmp->bits[bit >> 3] == 0xFF) {
+        i += 8;
+        continue;
+      }
+      if (bmp->bits[bit >> 3] & (1u << (bit & 7))) {
+        i++;
+        continue;
+      }
+      uint64_t skip;
+      if (PendingFree(base + i, &skip)) {
+        i = skip - base;
+        continue;
+      }
+      // Free run starting at i.
+      uint64_t start = i;
+      uint32_t len = 0;
+      while (len < want && i < bm_end) {
+        uint64_t b2 = i - uint64_t(bm) * kBitsPerBitmap;
+        if (bmp->bits[b2 >> 3] & (1u << (b2 & 7))) break;
+        if (PendingFree(base + i, &skip)) break;
+        len++;
+        i++;
+      }
+      auto wb = GetLocked(bmblk, BlockType::kBitmap, AgLock(ag), true);
+      if (!wb.ok()) return wb.status();
+      auto* wbmp = reinterpret_cast<BitmapBlock*>((*wb)->data.data());
+      for (uint64_t k = start; k < start + len; k++) {
+        uint64_t b2 = k - uint64_t(bm) * kBitsPerBitmap;
+        wbmp->bits[b2 >> 3] |= uint8_t(1u << (b2 & 7));
+      }
+      auto hb = GetLocked(base, BlockType::kAgHeader, AgLock(ag), true);
+      if (!hb.ok()) return hb.status();
+      auto* agh = reinterpret_cast<AgHeader*>((*hb)->data.data());
+      if (agh->free_blocks < len) {
+        return Err(Code::kCorruption, "AG " + std::to_string(ag) + " free count below bitmap");
+      }
+      agh->free_blocks -= len;
+      ag_free_[ag] -= std::min<uint64_t>(ag_free_[ag], len);
+      free_total_ -= std::min<uint64_t>(free_total_, len);
+      ag_rotor_[ag] = static_cast<uint32_t>(start + len);
+      return Allocation{base + start, len};
+    }
+  }
+  return Allocation{0, 0};
+}
+
+Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool metadata) {
+  (void)metadata;
+  if (want == 0) want = 1;
+  uint32_t first_ag = 0;
+  uint64_t from = 0;
+  if (hint >= g_.ag_start && hint < g_.total_blocks - 1) {
+    first_ag = g_.AgOf(hint);
+    if (first_ag >= g_.ag_count) first_ag = g_.ag_count - 1;
+    from = hint - g_.AgStart(first_ag);
+    if (from >= g_.AgSize(first_ag)) from = 0;
+  } else {
+    from = ag_rotor_[0];
+  }
+  for (uint32_t n = 0; n < g_.ag_count; n++) {
+    uint32_t ag = (first_ag + n) % g_.ag_count;
+    if (ag_bad_[ag] || ag_free_[ag] == 0) continue;
+    uint64_t start = n == 0 ? from : ag_rotor_[ag];
+    for (int pass = 0; pass < 2; pass++) {
+      auto a = AllocInAg(ag, pass == 0 ? start : 0, want);
+      if (!a.ok()) {
+        if (a.status().Is(Code::kCorruption)) {
+          ag_bad_[ag] = true;
+          break;
+        }
+        return a.status();
+      }
+      if (a->len > 0) return a;
+      if (start == 0) break;
+    }
+  }
+  return Err(Code::kNoSpace, "no free blocks left");
+}
+
+Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
+  while (count > 0) {
+    if (blk < g_.ag_start || blk >= g_.total_blocks - 1) {
+      return Err(Code::kCorruption, "freeing block " + std::to_string(blk) +
+                                        " outside the data area");
+    }
+    uint32_t ag = g_.AgOf(blk);
+    if (ag >= g_.ag_count) return Err(Code::kCorruption, "freeing block past the last AG");
+    const uint64_t base = g_.AgStart(ag);
+    uint64_t off = blk - base;
+    if (off < 1 + g_.bitmap_blocks || off >= g_.AgSize(ag)) {
+      return Err(Code::kCorruption, "freeing AG metadata block " + std::to_string(blk));
+    }
+    uint32_t bm = static_cast<uint32_t>(off / kBitsPerBitmap);
+    uint64_t bm_end = std::min<uint64_t>(g_.AgSize(ag), uint64_t(bm + 1) * kBitsPerBitmap);
+    uint64_t n = std::min<uint64_t>(count, bm_end - off);
+    auto wb = GetLocked(base + 1 + bm, BlockType::kBitmap, AgLock(ag), true);
+    if (!wb.ok()) return wb.status();
+    auto* bmp = reinterpret_cast<BitmapBlock*>((*wb)->data.data());
+    for (uint64_t k = off; k < off + n; k++) {
+      uint64_t b2 = k - uint64_t(bm) * kBitsPerBitmap;
+      if (!(bmp->bits[b2 >> 3] & (1u << (b2 & 7)))) {
+        return Err(Code::kCorruption, "block " + std::to_string(base + k) + " freed twice");
+      }
+    }
+    for (uint64_t k = off; k < off + n; k++) {
+      uint64_t b2 = k - uint64_t(bm) * kBitsPerBitmap;
+      bmp->bits[b2 >> 3] &= uint8_t(~(1u << (b2 & 7)));
+      DropBufferLocked(base + k);
+    }
+    auto hb = GetLocked(base, BlockType::kAgHeader, AgLock(ag), true);
+    if (!hb.ok()) return hb.status();
+    auto* agh = reinterpret_cast<AgHeader*>((*hb)->data.data());
+    agh->free_blocks += n;
+    ag_free_[ag] += n;
+    free_total_ += n;
+    running_freed_.emplace_back(blk, n);
+    pending_free_[blk] = {n, running_seq_};
+    blk += n;
+    count -= n;
+  }
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------------------
+// Commit and checkpoint
+
+Status MetaStore::CommitInternal() {
+  std::vector<std::pair<uint64_t, std::shared_ptr<AlignedBuffer>>> copies;
+  std::vector<std::pair<uint64_t, uint64_t>> freed;
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!failed_.ok()) return failed_;
+    if (dirty_.empty()) {
+      seq = 0;
+    } else {
+      seq = running_seq_;
+      copies.reserve(dirty_.size());
+      for (uint64_t blk : dirty_) {
+        Buffer* b = cache_[blk].get();
+        Header(b->data.data())->seq = seq;
+        SealBlock(b->data.data());
+        auto copy = std::make_shared<AlignedBuffer>(kBlockSize);
+        std::memcpy(copy->data(), b->data.data(), kBlockSize);
+        copies.emplace_back(blk, std::move(copy));
+        b->dirty = false;
+        b->unhomed_seq = seq;
+      }
+      dirty_.clear();
+      freed = std::move(running_freed_);
+      running_freed_.clear();
+      running_seq_++;
+    }
+  }
+  if (seq == 0) {
+    Status st = dev_->Flush();
+    if (!st.ok()) {
+      std::lock_guard<std::mutex> g(mu_);
+      failed_ = st;
+    }
+    return st;
+  }
+  std::sort(copies.begin(), copies.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  if (journal_->FreeBlocks() < Journal::BlocksNeeded(copies.size())) {
+    AGFS_RETURN_IF_ERROR(CheckpointInternal());
+  }
+  std::vector<JournalBlock> jb;
+  jb.reserve(copies.size());
+  for (auto& [blk, buf] : copies) jb.push_back(JournalBlock{blk, buf->data()});
+  auto r = journal_->Commit(jb);
+  if (!r.ok()) {
+    std::lock_guard<std::mutex> g(mu_);
+    failed_ = Err(r.status().code(), "journal commit failed, node stops writing: " +
+                                         r.status().message());
+    spdlog::critical("{}", failed_.ToString());
+    return failed_;
+  }
+  if (*r != seq) {
+    std::lock_guard<std::mutex> g(mu_);
+    failed_ = Err(Code::kCorruption, "journal sequence out of step with the store");
+    return failed_;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  stats_.commits++;
+  stats_.blocks_journaled += copies.size();
+  committed_.push_back(Committed{seq, std::move(copies), std::move(freed)});
+  return Status::Ok();
+}
+
+Status MetaStore::CheckpointInternal() {
+  if (committed_.empty()) return Status::Ok();
+  std::map<uint64_t, AlignedBuffer*> latest;
+  for (auto& c : committed_) {
+    for (auto& [blk, buf] : c.blocks) latest[blk] = buf.get();
+  }
+  // Write home in runs of contiguous blocks.
+  constexpr size_t kRun = 256;
+  AlignedBuffer stage(kRun * kBlockSize);
+  auto it = latest.begin();
+  Status st;
+  while (it != latest.end() && st.ok()) {
+    uint64_t start = it->first;
+    size_t n = 0;
+    while (it != latest.end() && it->first == start + n && n < kRun) {
+      std::memcpy(stage.data() + n * kBlockSize, it->second->data(), kBlockSize);
+      ++it;
+      n++;
+    }
+    st = dev_->Write(start * kBlockSize, stage.data(), n * kBlockSize);
+  }
+  if (st.ok()) st = dev_->Flush();
+  uint64_t last = committed_.back().seq;
+  if (st.ok()) st = journal_->Checkpoint(last);
+  std::lock_guard<std::mutex> g(mu_);
+  if (!st.ok()) {
+    failed_ = Err(st.code(), "checkpoint failed, node stops writing: " + st.message());
+    spdlog::critical("{}", failed_.ToString());
+    return failed_;
+  }
+  for (auto& [blk, buf] : latest) {
+    auto c = cache_.find(blk);
+    if (c == cache_.end()) continue;
+    Buffer* b = c->second.get();
+    if (b->unhomed_seq != 0 && b->unhomed_seq <= last) b->unhomed_seq = 0;
+    if (!b->dirty && b->unhomed_seq == 0 && !b->in_lru) {
+      lru_.push_front(blk);
+      b->lru = lru_.begin();
+      b->in_lru = true;
+    }
+  }
+  for (auto pf = pending_free_.begin(); pf != pending_free_.end();) {
+    if (pf->second.second <= last) {
+      pf = pending_free_.erase(pf);
+    } else {
+      ++pf;
+    }
+  }
+  committed_.clear();
+  stats_.checkpoints++;
+  return Status::Ok();
+}
+
+Status MetaStore::Commit() {
+  std::lock_guard<std::mutex> clk(commit_mu_);
+  return CommitInternal();
+}
+
+Status MetaStore::Sync() {
+  std::lock_guard<std::mutex> clk(commit_mu_);
+  AGFS_RETURN_IF_ERROR(CommitInternal());
+  return CheckpointInternal();
+}
+
+Status MetaStore::DropLock(LockId lock) {
+  for (int attempt = 0;; attempt++) {
+    {
+      std::lock_guard<std::mutex> clk(commit_mu_);
+      AGFS_RETURN_IF_ERROR(CommitInternal());
+      AGFS_RETURN_IF_ERROR(CheckpointInternal());
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = by_lock_.find(lock);
+    if (it == by_lock_.end()) return Status::Ok();
+    bool any_dirty = false;
+    for (uint64_t blk : it->second) any_dirty |= cache_[blk]->dirty;
+    if (any_dirty && attempt < 100) continue;  // changed again meanwhile: commit again
+    std::vector<uint64_t> blks(it->second.begin(), it->second.end());
+    for (uint64_t blk : blks) DropBufferLocked(blk);
+    return Status::Ok();
+  }
+}
+
+uint64_t MetaStore::FreeBlocks() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return free_total_;
+}
+
+uint64_t MetaStore::TotalDataBlocks() const {
+  uint64_t t = 0;
+  for (uint32_t ag = 0; ag < g_.ag_count; ag++) t += g_.AgSize(ag);
+  return t;
+}
+
+StoreStats MetaStore::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  StoreStats s = stats_;
+  s.cached_blocks = cache_.size();
+  return s;
+}
+
+Status MetaStore::failed() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return failed_;
+}
+
+}  // namespace agorafs

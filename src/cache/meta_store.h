@@ -1,0 +1,187 @@
+// MetaStore: the node's metadata buffer cache, running transaction and block allocator.
+//
+// What it does
+// - Caches verified 4 KiB metadata blocks, each tagged with the lock that covers it.
+// - Collects every block changed through a Handle into the running transaction.
+//   Commit() seals those blocks (checksum, seq), copies them, and writes the copies
+//   to this node's journal (Journal::Commit: write, flush, commit record, flush).
+//   Ordered data: the filesystem allocates new data blocks as unwritten extents,
+//   writes the data, and only then marks them written in a later handle; the commit
+//   flushes the device before its commit record, so metadata never points at data
+//   that is not on disk.
+// - Checkpoint() writes committed copies home, flushes the device and advances the
+//   journal tail. Until a block's newest copy is home the block stays in the cache.
+// - Allocates blocks from allocation groups (bitmap + AG header, under the AG's
+//   lock). A freed block is not handed out again until the transaction that freed
+//   it is checkpointed: replaying an older transaction can then never overwrite it.
+// - DropLock(id): commit, checkpoint and drop every block of that lock — what a lock
+//   revocation requires before the lock may be released.
+//
+// Thread-safety
+// - One mutex (mu_) serialises all metadata access: a Handle holds it from Begin()
+//   to its destruction, so filesystem code running under a Handle sees a stable
+//   cache. Never call Commit/Checkpoint/Sync/DropLock while holding a Handle.
+// - Commit and checkpoint I/O run outside mu_ under commit_mu_ (lock order:
+//   commit_mu_ before mu_). A background thread commits every commit_interval_ms
+//   and checkpoints when the journal is half full.
+// - After a journal or home-write I/O error the store is failed: every new write
+//   handle and every commit returns kIOError (the node must stop writing).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "cache/meta_txn.h"
+#include "device/block_device.h"
+#include "format/format.h"
+#include "journal/journal.h"
+#include "lock/lock_manager.h"
+
+namespace agorafs {
+
+struct StoreOptions {
+  size_t cache_blocks = 16384;          // 64 MiB of metadata cache
+  uint32_t commit_interval_ms = 1000;   // background group commit
+  bool background = true;               // run the background commit thread
+};
+
+struct StoreStats {
+  uint64_t commits = 0;
+  uint64_t checkpoints = 0;
+  uint64_t blocks_journaled = 0;
+  uint64_t cache_hits = 0;
+  uint64_t cache_misses = 0;
+  uint64_t cached_blocks = 0;
+};
+
+class MetaStore {
+ public:
+  MetaStore(BlockDevice* dev, const Superblock& sb, Journal* journal, LockManager* locks,
+            StoreOptions opts);
+  ~MetaStore();
+  MetaStore(const MetaStore&) = delete;
+  MetaStore& operator=(const MetaStore&) = delete;
+
+  // Reads every AG header (free counts). Starts the background thread.
+  Status Init();
+  // Stops the background thread (after a final Sync by the caller).
+  void Stop();
+
+  class Handle final : public MetaTxn {
+   public:
+    ~Handle() override;
+    Handle(Handle&&) = delete;
+    bool read_only() const override { return read_only_; }
+    const Uuid& uuid() const override;
+    Result<const uint8_t*> Read(uint64_t blk, BlockType type, LockId lock) override;
+    Result<uint8_t*> Write(uint64_t blk, BlockType type, LockId lock) override;
+    Result<std::pair<uint64_t, uint8_t*>> NewBlock(BlockType type, LockId lock,
+                                                   uint64_t hint) override;
+    Result<Allocation> AllocData(uint64_t hint, uint32_t want) override;
+    Status Free(uint64_t blk, uint64_t count) override;
+    // Sequence of the running transaction this handle writes into.
+    uint64_t seq() const { return seq_; }
+
+   private:
+    friend class MetaStore;
+    Handle(MetaStore* s, bool ro);
+    MetaStore* s_;
+    std::unique_lock<std::mutex> lk_;
+    bool read_only_;
+    uint64_t seq_;
+  };
+
+  // Waits while the running transaction is too big to grow by `credits` blocks,
+  // committing it if needed, then returns a handle holding mu_.
+  std::unique_ptr<Handle> Begin(bool read_only = false, uint32_t credits = 64);
+
+  // Makes every change made before the call durable. OK also when nothing changed
+  // (then only the device is flushed).
+  Status Commit();
+  // Commit, then write everything home and empty the journal.
+  Status Sync();
+  // Commit, checkpoint, and drop every cached block covered by `lock`.
+  Status DropLock(LockId lock);
+
+  uint64_t FreeBlocks() const;          // sum over all AGs, excluding pending frees
+  uint64_t TotalDataBlocks() const;     // blocks in all AGs
+  StoreStats stats() const;
+  Status failed() const;
+  const Superblock& super() const { return sb_; }
+  const Geometry& geometry() const { return g_; }
+  BlockDevice* device() const { return dev_; }
+  std::mutex& commit_mutex() { return commit_mu_; }
+
+ private:
+  struct Buffer {
+    uint64_t blk = 0;
+    LockId lock = 0;
+    AlignedBuffer data{kBlockSize};
+    bool dirty = false;           // changed in the running transaction
+    uint64_t unhomed_seq = 0;     // newest committed seq not yet written home (0 = none)
+    std::list<uint64_t>::iterator lru;
+    bool in_lru = false;
+  };
+  struct Committed {
+    uint64_t seq;
+    std::vector<std::pair<uint64_t, std::shared_ptr<AlignedBuffer>>> blocks;
+    std::vector<std::pair<uint64_t, uint64_t>> freed;  // (start, count)
+  };
+
+  // All below require mu_ held.
+  Result<Buffer*> GetLocked(uint64_t blk, BlockType type, LockId lock, bool for_write);
+  void MarkDirty(Buffer* b);
+  void Touch(Buffer* b);
+  void EvictLocked();
+  Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool metadata);
+  Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want);
+  Status FreeLocked(uint64_t blk, uint64_t count);
+  bool PendingFree(uint64_t blk, uint64_t* skip_to) const;
+
+  Status CommitInternal();
+  void DropBufferLocked(uint64_t blk);
+  size_t TxnLimit() const;
+  Status CheckpointInternal();
+  void BackgroundLoop();
+
+  BlockDevice* dev_;
+  Superblock sb_;
+  Uuid uuid_;
+  Geometry g_;
+  Journal* journal_;
+  LockManager* locks_;
+  StoreOptions opts_;
+
+  std::mutex commit_mu_;  // serialises journal I/O; taken before mu_
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::unordered_map<uint64_t, std::unique_ptr<Buffer>> cache_;  // GUARDED_BY(mu_)
+  std::unordered_map<LockId, std::unordered_set<uint64_t>> by_lock_;
+  std::list<uint64_t> lru_;                                       // clean, evictable
+  std::unordered_set<uint64_t> dirty_;                            // running txn
+  std::vector<std::pair<uint64_t, uint64_t>> running_freed_;
+  uint64_t running_seq_ = 1;
+  std::deque<Committed> committed_;                                // not yet home
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> pending_free_;  // start -> (len, seq)
+  std::vector<uint64_t> ag_free_;
+  std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
+  std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
+  uint64_t free_total_ = 0;
+  Status failed_;
+  StoreStats stats_;
+
+  std::thread bg_;
+  bool stop_ = false;
+  std::condition_variable bg_cv_;
+};
+
+}  // namespace agorafs

@@ -1,0 +1,1 @@
+list(APPEND AGORAFS_SOURCES ${CMAKE_CURRENT_LIST_DIR}/meta_store.cc)

@@ -1,0 +1,37 @@
+// The agorafs CLI verbs; each returns the process exit code.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace agorafs {
+
+struct MkfsArgs {
+  std::string device, label, profile = "default", journal_size, size;
+  uint32_t nodes = 16;
+  bool force = false;
+};
+struct MountArgs {
+  std::string device, mountpoint, options;
+  bool foreground = false;
+};
+struct InfoArgs {
+  std::string device;
+  bool json = false;
+};
+struct FsckArgs {
+  std::string device;
+  bool repair = false;
+  bool json = false;
+};
+
+int RunMkfs(const MkfsArgs& a);
+int RunMount(const MountArgs& a);
+int RunInfo(const InfoArgs& a);
+// fsck exit codes: 0 clean, 1 errors corrected, 4 errors left uncorrected, 8 operational error.
+int RunFsck(const FsckArgs& a);
+
+// "16M" / "1G" / "4096" -> bytes; false when malformed.
+bool ParseSize(const std::string& s, uint64_t* out);
+
+}  // namespace agorafs

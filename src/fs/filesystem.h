@@ -1,0 +1,245 @@
+// Filesystem: the agorafs core that every FUSE operation calls.
+//
+// It never sees a fuse_req_t: callers pass a Caller (uid, gid, groups) and inode
+// numbers; results are Status/Result values, mapped to errno in src/fuse/. Inode
+// numbers are block numbers (format.h); the FUSE adapter maps its root id 1 to
+// root_ino().
+//
+// Coherence and caching: metadata lives in MetaStore (cache + journal); file data goes
+// straight to the device with O_DIRECT (the kernel's page cache is the data cache).
+// New data blocks are mapped as unwritten extents, written, and only then marked
+// written, so a crash never exposes stale blocks (ordered data).
+//
+// Kernel references: the FUSE adapter calls AddRef for every entry it hands to the
+// kernel and Forget for every forget; Open/Release count open files. An inode whose
+// link count drops to zero is put on this node's orphan list and freed when its last
+// reference goes (or at the next mount after a crash).
+//
+// Permission checks: the kernel checks mode bits (default_permissions); this class
+// checks what the kernel does not: ownership for chown/chmod/utimes in SetAttr,
+// sticky directories, xattr namespaces, and it clears suid/sgid where POSIX says.
+//
+// Thread-safety: every public method may be called concurrently from FUSE worker
+// threads. Metadata is serialised by MetaStore's handle mutex; data I/O on one inode
+// is serialised against truncate by a per-inode reader/writer lock (lock order:
+// inode io lock, then MetaStore handle).
+#pragma once
+
+#include <sys/stat.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "cache/meta_store.h"
+#include "device/block_device.h"
+#include "format/format.h"
+#include "journal/journal.h"
+#include "lock/lock_manager.h"
+
+namespace agorafs {
+
+struct Caller {
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  uint32_t pid = 0;
+  std::vector<uint32_t> groups;  // supplementary groups (may be empty)
+  uint32_t umask = 0;
+  bool InGroup(uint32_t g) const;
+  bool root() const { return uid == 0; }
+};
+
+struct Attr {
+  uint64_t ino = 0;
+  uint64_t generation = 0;
+  uint32_t mode = 0;
+  uint32_t nlink = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  uint64_t rdev = 0;
+  uint64_t size = 0;
+  uint64_t blocks = 0;  // in 512-byte units, as st_blocks
+  struct timespec atime{}, mtime{}, ctime{}, btime{};
+  void ToStat(struct stat* st) const;
+};
+
+struct SetAttrRequest {
+  bool mode = false, uid = false, gid = false, size = false;
+  bool atime = false, mtime = false, atime_now = false, mtime_now = false;
+  bool ctime = false;
+  uint32_t new_mode = 0, new_uid = 0, new_gid = 0;
+  uint64_t new_size = 0;
+  struct timespec new_atime{}, new_mtime{}, new_ctime{};
+  bool has_open_file = false;  // truncate through an open file descriptor (ftruncate)
+};
+
+struct FsStat {
+  uint64_t blocks = 0, bfree = 0, files = 0, ffree = 0;
+  uint32_t bsize = kBlockSize, namemax = kMaxNameLen;
+};
+
+struct DirEntryOut {
+  std::string name;
+  uint64_t ino;
+  uint8_t type;   // DT_*
+  uint64_t next;  // offset to resume after this entry; entries may share one
+  bool has_attr = false;  // with_attrs asked and the inode was readable
+  Attr attr;
+};
+
+struct MountOptions {
+  StoreOptions store;
+  bool direct_io_device = true;       // O_DIRECT on the device
+  std::string host;                   // for the slot; default gethostname()
+  uint32_t heartbeat_ms_override = 0;  // tests
+};
+
+struct FsInfo {
+  uint32_t slot = 0;
+  uint64_t generation = 0;
+  uint64_t replayed_transactions = 0;
+  uint64_t orphans_freed = 0;
+};
+
+class Filesystem {
+ public:
+  // Opens the filesystem on `dev`: reads the superblock, claims a node slot (refusing
+  // when another live node has the device mounted), replays journals of slots left
+  // mounted by crashed nodes, frees their orphans, and starts the heartbeat.
+  static Result<std::unique_ptr<Filesystem>> Mount(std::unique_ptr<BlockDevice> dev,
+                                                   const MountOptions& opts);
+  ~Filesystem();
+  // Commits, writes everything home, frees orphans, releases the slot. Idempotent.
+  Status Unmount();
+
+  uint64_t root_ino() const { return sb_.root_ino; }
+  const Superblock& super() const { return sb_; }
+  FsInfo info() const { return info_; }
+  MetaStore* store() { return store_.get(); }
+  // Non-OK once the node stopped writing (journal I/O error).
+  Status health() const { return store_->failed(); }
+
+  // Kernel references.
+  void AddRef(uint64_t ino, uint64_t n = 1);
+  void Forget(uint64_t ino, uint64_t n);
+  Status Open(uint64_t ino, int flags, const Caller& c);
+  void Release(uint64_t ino);
+
+  Result<Attr> GetAttr(uint64_t ino);
+  Result<Attr> Lookup(uint64_t parent, std::string_view name);
+  Result<Attr> SetAttr(const Caller& c, uint64_t ino, const SetAttrRequest& r);
+  Result<Attr> Mknod(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
+                     uint64_t rdev);
+  Result<Attr> Mkdir(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode);
+  Result<Attr> Symlink(const Caller& c, uint64_t parent, std::string_view name,
+                       std::string_view target);
+  Result<std::string> Readlink(uint64_t ino);
+  Status Unlink(const Caller& c, uint64_t parent, std::string_view name);
+  Status Rmdir(const Caller& c, uint64_t parent, std::string_view name);
+  // flags: RENAME_NOREPLACE, RENAME_EXCHANGE (linux/fs.h values)
+  Status Rename(const Caller& c, uint64_t parent, std::string_view name, uint64_t newparent,
+                std::string_view newname, unsigned flags);
+  Result<Attr> Link(const Caller& c, uint64_t ino, uint64_t newparent, std::string_view newname);
+
+  // Reads up to len bytes at off into buf; returns bytes read (short at EOF).
+  Result<size_t> Read(uint64_t ino, uint64_t off, size_t len, char* buf);
+  Result<size_t> Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf, size_t len);
+  Status Fsync(uint64_t ino, bool datasync);
+  Status SyncAll();
+  // mode: 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE,
+  // FALLOC_FL_ZERO_RANGE.
+  Status Fallocate(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len);
+  Result<uint64_t> Lseek(uint64_t ino, uint64_t off, int whence);
+  Result<size_t> CopyFileRange(const Caller& c, uint64_t ino_in, uint64_t off_in,
+                               uint64_t ino_out, uint64_t off_out, size_t len);
+
+  // Lists entries after `off` ("." is offset 1, ".." 2, then name hashes) until fn
+  // returns false. With with_attrs each entry carries its inode's attributes. fn runs
+  // while the metadata handle is held: it must not call back into Filesystem (AddRef
+  // excepted). Several entries can share one `next` (a hash collision):
+  // a caller that stops inside such a group must drop the entries of the group it
+  // already took, since resuming from that offset re-delivers the whole group.
+  Status ReadDir(uint64_t ino, uint64_t off, bool with_attrs,
+                 const std::function<bool(const DirEntryOut&)>& fn);
+  Result<FsStat> StatFs();
+
+  Status SetXattr(const Caller& c, uint64_t ino, std::string_view name, std::string_view value,
+                  int flags);
+  // Returns the value; kRange when `size` is non-zero and too small.
+  Result<std::string> GetXattr(const Caller& c, uint64_t ino, std::string_view name);
+  Result<std::string> ListXattr(const Caller& c, uint64_t ino);  // NUL-separated
+  Status RemoveXattr(const Caller& c, uint64_t ino, std::string_view name);
+
+ private:
+  struct InodeState {
+    std::shared_mutex io;   // shared: read/write data; exclusive: truncate/punch
+    std::mutex write_mu;    // serialises writers (appends, size updates)
+    uint64_t lookups = 0;
+    uint64_t opens = 0;
+  };
+
+  Filesystem() = default;
+  std::shared_ptr<InodeState> State(uint64_t ino);
+  void MaybeFreeOrphan(uint64_t ino);
+
+  // Helpers used under a MetaStore handle (implemented in fs/*.cc).
+  friend class FsOps;
+
+  Superblock sb_{};
+  Geometry g_{};
+  Uuid uuid_{};
+  std::unique_ptr<BlockDevice> dev_;
+  std::unique_ptr<LocalLockManager> locks_;
+  std::unique_ptr<Journal> journal_;
+  std::unique_ptr<MetaStore> store_;
+  FsInfo info_;
+  std::atomic<uint64_t> next_gen_{1};
+  MountOptions opts_;
+
+  std::mutex states_mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<InodeState>> states_;
+
+  // Node slot and heartbeat (filesystem.cc).
+  std::vector<uint32_t> recovered_;  // crashed slots replayed at mount
+  SlotBlock slot_block_{};
+  std::thread hb_thread_;
+  std::mutex hb_mu_;
+  std::condition_variable hb_cv_;
+  bool hb_stop_ = false;
+  bool unmounted_ = false;
+  uint64_t hb_counter_ = 0;
+  Result<SlotBlock> ReadSlot(uint32_t slot);
+  Status WriteSlotState(uint32_t slot, uint32_t state, const SlotBlock* base);
+  Status ClaimSlot();
+  Status RecoverSlot(uint32_t slot);
+  void HeartbeatLoop();
+
+  // References and orphans (filesystem.cc).
+  bool DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens);  // true: no refs left
+  bool Referenced(uint64_t ino);
+  Status AddOrphan(MetaTxn& h, uint64_t ino);
+  Status RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino);
+  Status FreeInode(uint32_t orphan_slot, uint64_t ino);
+  Status FreeOrphans(uint32_t slot, bool only_unreferenced);
+
+  // Data (data.cc).
+  // Unmaps every block at or past new_size, in bounded transactions; the inode is on
+  // the orphan list of `slot` meanwhile so that a crash finishes the job at mount.
+  Status TruncateBlocks(uint32_t slot, uint64_t ino, uint64_t new_size);
+  Status Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bool update_times);
+  Status ConvertInlineToExtents(MetaTxn& h, uint64_t ino, InodeBlock* I);
+  Status ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& I, uint64_t from);
+  Result<Attr> CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
+                          uint64_t rdev, std::string_view symlink_target);
+  uint64_t NextGeneration() { return next_gen_++; }
+};
+
+}  // namespace agorafs

@@ -1,0 +1,294 @@
+// Filesystem core tests without FUSE: MemDevice underneath, real journal and cache.
+#include "fs/filesystem.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/xattr.h>
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "device/fault_device.h"
+#include "device/mem_device.h"
+#include "fs/super.h"
+
+namespace agorafs {
+namespace {
+
+class FsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    mem_ = std::make_shared<MemDevice>(uint64_t(256) << 20);
+    MkfsOptions mo;
+    mo.params.node_slots = 2;
+    ASSERT_TRUE(Mkfs(mem_.get(), mo).ok());
+    Remount();
+  }
+  void TearDown() override {
+    if (fs_) {
+      EXPECT_TRUE(fs_->Unmount().ok());
+      fs_.reset();
+    }
+  }
+  void Remount() {
+    if (fs_) {
+      ASSERT_TRUE(fs_->Unmount().ok());
+      fs_.reset();
+    }
+    auto fault = std::make_unique<FaultDevice>(mem_);
+    fault_ = fault.get();
+    MountOptions o;
+    o.store.background = false;
+    o.heartbeat_ms_override = 50;
+    auto r = Filesystem::Mount(std::move(fault), o);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    fs_ = std::move(r).value();
+  }
+  // Power cut: nothing more reaches the device; unflushed writes are lost.
+  void CrashAndRemount() {
+    fault_->SetGone(true);
+    (void)fs_->Unmount();
+    fs_.reset();
+    mem_->Crash();
+    Remount();
+  }
+  uint64_t Root() { return fs_->root_ino(); }
+  uint64_t Create(uint64_t dir, const std::string& name, uint32_t mode = S_IFREG | 0644) {
+    auto r = fs_->Mknod(caller_, dir, name, mode, 0);
+    EXPECT_TRUE(r.ok()) << name << ": " << r.status().ToString();
+    return r.ok() ? r->ino : 0;
+  }
+  std::string ReadAll(uint64_t ino) {
+    auto a = fs_->GetAttr(ino);
+    EXPECT_TRUE(a.ok());
+    std::string s(a->size, '\0');
+    auto r = fs_->Read(ino, 0, s.size(), s.data());
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    s.resize(r.ok() ? *r : 0);
+    return s;
+  }
+  void WriteAt(uint64_t ino, uint64_t off, const std::string& data) {
+    auto r = fs_->Write(caller_, ino, off, data.data(), data.size());
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(*r, data.size());
+  }
+  std::set<std::string> List(uint64_t dir) {
+    std::set<std::string> names;
+    EXPECT_TRUE(fs_->ReadDir(dir, 0, false, [&](const DirEntryOut& e) {
+                     names.insert(e.name);
+                     return true;
+                   }).ok());
+    return names;
+  }
+
+  std::shared_ptr<MemDevice> mem_;
+  FaultDevice* fault_ = nullptr;
+  std::unique_ptr<Filesystem> fs_;
+  Caller caller_;
+};
+
+TEST_F(FsTest, CreateWriteReadInlineAndExtents) {
+  uint64_t f = Create(Root(), "a");
+  WriteAt(f, 0, "hello");
+  EXPECT_EQ(ReadAll(f), "hello");
+  std::string big(100000, 'x');
+  for (size_t i = 0; i < big.size(); i++) big[i] = char('a' + i % 26);
+  WriteAt(f, 3, big);  // converts inline data to extents, keeps the first bytes
+  std::string want = "hel" + big;
+  EXPECT_EQ(ReadAll(f), want);
+  Remount();
+  EXPECT_EQ(ReadAll(f), want);
+}
+
+TEST_F(FsTest, SparseWritesAndTruncate) {
+  uint64_t f = Create(Root(), "sparse");
+  WriteAt(f, 1 << 20, "end");
+  auto a = fs_->GetAttr(f);
+  EXPECT_EQ(a->size, (1u << 20) + 3);
+  std::string s = ReadAll(f);
+  EXPECT_EQ(s.substr(0, 10), std::string(10, '\0'));
+  EXPECT_EQ(s.substr(1 << 20), "end");
+  SetAttrRequest r;
+  r.size = true;
+  r.new_size = 5000;
+  ASSERT_TRUE(fs_->SetAttr(caller_, f, r).ok());
+  r.new_size = (1 << 20) + 3;
+  ASSERT_TRUE(fs_->SetAttr(caller_, f, r).ok());
+  EXPECT_EQ(ReadAll(f), std::string((1 << 20) + 3, '\0'));  // no stale "end"
+  auto seek = fs_->Lseek(f, 0, SEEK_DATA);
+  EXPECT_FALSE(seek.ok());  // nothing but holes now
+}
+
+TEST_F(FsTest, DirectoriesRenameUnlink) {
+  auto d = fs_->Mkdir(caller_, Root(), "d", 0755);
+  ASSERT_TRUE(d.ok());
+  for (int i = 0; i < 500; i++) Create(d->ino, "f" + std::to_string(i));
+  EXPECT_EQ(List(d->ino).size(), 502u);
+  ASSERT_TRUE(fs_->Rename(caller_, d->ino, "f1", Root(), "moved", 0).ok());
+  EXPECT_TRUE(fs_->Lookup(Root(), "moved").ok());
+  EXPECT_TRUE(fs_->Lookup(d->ino, "f1").status().Is(Code::kNotFound));
+  EXPECT_TRUE(fs_->Rename(caller_, d->ino, "f2", Root(), "moved", RENAME_NOREPLACE)
+                  .Is(Code::kExists));
+  ASSERT_TRUE(fs_->Rename(caller_, d->ino, "f2", Root(), "moved", RENAME_EXCHANGE).ok());
+  EXPECT_TRUE(fs_->Lookup(d->ino, "f2").ok());
+  EXPECT_TRUE(fs_->Rmdir(caller_, Root(), "d").Is(Code::kNotEmpty));
+  for (int i = 0; i < 500; i++) {
+    if (i == 1) continue;
+    ASSERT_TRUE(fs_->Unlink(caller_, d->ino, "f" + std::to_string(i)).ok()) << i;
+  }
+  EXPECT_TRUE(fs_->Rename(caller_, Root(), "d", d->ino, "inside", 0).Is(Code::kInvalid));
+  ASSERT_TRUE(fs_->Rmdir(caller_, Root(), "d").ok());
+  auto root = fs_->GetAttr(Root());
+  EXPECT_EQ(root->nlink, 2u);
+  Remount();
+  EXPECT_EQ(List(Root()), (std::set<std::string>{".", "..", "moved"}));
+}
+
+TEST_F(FsTest, UnlinkedOpenFileStaysUntilReleased) {
+  uint64_t f = Create(Root(), "tmp");
+  WriteAt(f, 0, std::string(50000, 'z'));
+  uint64_t before = fs_->StatFs()->bfree;
+  ASSERT_TRUE(fs_->Open(f, O_RDWR, caller_).ok());
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "tmp").ok());
+  EXPECT_EQ(ReadAll(f).size(), 50000u);
+  fs_->Release(f);
+  ASSERT_TRUE(fs_->SyncAll().ok());
+  ASSERT_TRUE(fs_->store()->Sync().ok());
+  EXPECT_GT(fs_->StatFs()->bfree, before);
+}
+
+TEST_F(FsTest, OrphanOfCrashedMountIsFreedAtNextMount) {
+  uint64_t f = Create(Root(), "victim");
+  WriteAt(f, 0, std::string(200000, 'v'));
+  ASSERT_TRUE(fs_->Open(f, O_RDWR, caller_).ok());
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "victim").ok());
+  ASSERT_TRUE(fs_->SyncAll().ok());
+  uint64_t free_before = fs_->StatFs()->bfree;
+  CrashAndRemount();
+  EXPECT_GE(fs_->info().orphans_freed, 1u);
+  EXPECT_GT(fs_->StatFs()->bfree, free_before + 40);
+}
+
+TEST_F(FsTest, FsyncedDataSurvivesCrash) {
+  uint64_t f = Create(Root(), "durable");
+  WriteAt(f, 0, std::string(300000, 'd'));
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  uint64_t g = Create(Root(), "lost-maybe");
+  WriteAt(g, 0, "unsynced");
+  CrashAndRemount();
+  auto a = fs_->Lookup(Root(), "durable");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(ReadAll(a->ino), std::string(300000, 'd'));
+}
+
+TEST_F(FsTest, XattrsInlineAndExternal) {
+  uint64_t f = Create(Root(), "x");
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, "user.a", "1", 0).ok());
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, "user.a", "2", XATTR_CREATE).Is(Code::kExists));
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, "user.b", "2", XATTR_REPLACE).Is(Code::kNoData));
+  std::string big(2000, 'b');
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, "user.big", big, 0).ok());
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, "user.big2", big, 0).ok());
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, "user.big3", std::string(3000, 'c'), 0).Is(Code::kNoSpace));
+  Remount();
+  EXPECT_EQ(*fs_->GetXattr(caller_, f, "user.big"), big);
+  EXPECT_EQ(*fs_->GetXattr(caller_, f, "user.a"), "1");
+  auto list = fs_->ListXattr(caller_, f);
+  EXPECT_EQ(*list, std::string("user.a\0user.big\0user.big2\0", 26));
+  ASSERT_TRUE(fs_->RemoveXattr(caller_, f, "user.big").ok());
+  ASSERT_TRUE(fs_->RemoveXattr(caller_, f, "user.big2").ok());
+  EXPECT_TRUE(fs_->GetXattr(caller_, f, "user.big").status().Is(Code::kNoData));
+  Caller user;
+  user.uid = 1000;
+  EXPECT_TRUE(fs_->SetXattr(user, f, "trusted.t", "v", 0).Is(Code::kPermission));
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, "weird.t", "v", 0).Is(Code::kNotSupported));
+}
+
+TEST_F(FsTest, FallocateAndSeekHoles) {
+  uint64_t f = Create(Root(), "fa");
+  WriteAt(f, 0, std::string(8192, 'a'));
+  ASSERT_TRUE(fs_->Fallocate(caller_, f, 0, 1 << 20, 1 << 20).ok());
+  EXPECT_EQ(fs_->GetAttr(f)->size, 2u << 20);
+  EXPECT_EQ(*fs_->Lseek(f, 0, SEEK_DATA), 0u);
+  EXPECT_EQ(*fs_->Lseek(f, 0, SEEK_HOLE), 8192u);
+  EXPECT_TRUE(fs_->Lseek(f, 8192, SEEK_DATA).status().Is(Code::kNoAddress));
+  ASSERT_TRUE(fs_->Fallocate(caller_, f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 5000).ok());
+  std::string s = ReadAll(f);
+  EXPECT_EQ(s.substr(0, 100), std::string(100, 'a'));
+  EXPECT_EQ(s.substr(100, 5000), std::string(5000, '\0'));
+  EXPECT_EQ(s.substr(5100, 3092), std::string(3092, 'a'));
+}
+
+TEST_F(FsTest, PermissionsAndOwnership) {
+  Caller alice;
+  alice.uid = 1000;
+  alice.gid = 1000;
+  uint64_t f = Create(Root(), "p", S_IFREG | 06755);
+  SetAttrRequest chown;
+  chown.uid = true;
+  chown.new_uid = 1000;
+  EXPECT_TRUE(fs_->SetAttr(alice, f, chown).status().Is(Code::kPermission));
+  ASSERT_TRUE(fs_->SetAttr(caller_, f, chown).ok());
+  auto a = fs_->GetAttr(f);
+  EXPECT_EQ(a->uid, 1000u);
+  EXPECT_EQ(a->mode & (S_ISUID | S_ISGID), 0u);  // chown cleared both
+  SetAttrRequest chmod;
+  chmod.mode = true;
+  chmod.new_mode = 04755;
+  ASSERT_TRUE(fs_->SetAttr(alice, f, chmod).ok());
+  WriteAt(f, 0, "x");  // root writes: keeps suid
+  EXPECT_TRUE(fs_->GetAttr(f)->mode & S_ISUID);
+  ASSERT_TRUE(fs_->Write(alice, f, 0, "y", 1).ok());  // others clear it
+  EXPECT_FALSE(fs_->GetAttr(f)->mode & S_ISUID);
+  // setgid directory: new entries inherit its group; subdirectories inherit the bit.
+  auto d = fs_->Mkdir(caller_, Root(), "sg", 02777);
+  SetAttrRequest chg;
+  chg.gid = true;
+  chg.new_gid = 50;
+  ASSERT_TRUE(fs_->SetAttr(caller_, d->ino, chg).ok());
+  auto sub = fs_->Mkdir(alice, d->ino, "sub", 0755);
+  EXPECT_EQ(sub->gid, 50u);
+  EXPECT_TRUE(sub->mode & S_ISGID);
+  // Sticky directory: alice cannot remove root's file.
+  auto t = fs_->Mkdir(caller_, Root(), "tmpdir", 01777);
+  Create(t->ino, "rootfile");
+  EXPECT_TRUE(fs_->Unlink(alice, t->ino, "rootfile").Is(Code::kPermission));
+}
+
+TEST_F(FsTest, NamesAreChecked) {
+  EXPECT_TRUE(fs_->Mknod(caller_, Root(), std::string(256, 'n'), S_IFREG | 0644, 0)
+                  .status()
+                  .Is(Code::kNameTooLong));
+  Create(Root(), std::string(255, 'n'));
+  EXPECT_TRUE(fs_->Mknod(caller_, Root(), "dup", S_IFREG, 0).ok());
+  EXPECT_TRUE(fs_->Mknod(caller_, Root(), "dup", S_IFREG, 0).status().Is(Code::kExists));
+}
+
+TEST_F(FsTest, NoSpaceIsCleanAndAccountingRecovers) {
+  uint64_t free0 = fs_->StatFs()->bfree;
+  uint64_t f = Create(Root(), "fill");
+  std::string chunk(1 << 20, 'f');
+  uint64_t off = 0;
+  Status last;
+  for (;;) {
+    auto r = fs_->Write(caller_, f, off, chunk.data(), chunk.size());
+    if (!r.ok()) {
+      last = r.status();
+      break;
+    }
+    off += *r;
+  }
+  EXPECT_TRUE(last.Is(Code::kNoSpace)) << last.ToString();
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "fill").ok());
+  ASSERT_TRUE(fs_->store()->Sync().ok());
+  Remount();
+  EXPECT_EQ(fs_->StatFs()->bfree, free0);
+}
+
+}  // namespace
+}  // namespace agorafs

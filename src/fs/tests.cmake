@@ -1,0 +1,1 @@
+agorafs_add_test(fs_test ${CMAKE_CURRENT_LIST_DIR}/fs_test.cc)

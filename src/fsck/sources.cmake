@@ -1,0 +1,4 @@
+list(APPEND AGORAFS_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/fsck.cc
+  ${CMAKE_CURRENT_LIST_DIR}/checker.cc
+  ${CMAKE_CURRENT_LIST_DIR}/fsck_helpers.cc)

@@ -1,0 +1,495 @@
+#define FUSE_USE_VERSION 312
+#include "fuse/fuse_adapter.h"
+
+#include <fuse_lowlevel.h>
+#include <linux/fs.h>
+#include <csignal>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "fuse/errno_map.h"
+
+namespace agorafs {
+namespace {
+
+struct Ctx {
+  Filesystem* fs;
+  FuseOptions opts;
+};
+
+Ctx* C(fuse_req_t req) { return static_cast<Ctx*>(fuse_req_userdata(req)); }
+Filesystem* F(fuse_req_t req) { return C(req)->fs; }
+
+uint64_t ToFs(fuse_req_t req, fuse_ino_t ino) {
+  return ino == FUSE_ROOT_ID ? F(req)->root_ino() : ino;
+}
+fuse_ino_t ToFuse(Filesystem* fs, uint64_t ino) {
+  return ino == fs->root_ino() ? FUSE_ROOT_ID : ino;
+}
+
+Caller CallerOf(fuse_req_t req, bool with_groups = false) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  Caller c;
+  c.uid = ctx->uid;
+  c.gid = ctx->gid;
+  c.pid = static_cast<uint32_t>(ctx->pid);
+  c.umask = ctx->umask;
+  if (with_groups && c.uid != 0) {
+    gid_t list[256];
+    int n = fuse_req_getgroups(req, 256, list);
+    for (int i = 0; i < n && i < 256; i++) c.groups.push_back(list[i]);
+  }
+  return c;
+}
+
+void ReplyErr(fuse_req_t req, const Status& s) {
+  if (s.Is(Code::kCorruption) || s.Is(Code::kIOError)) spdlog::error("{}", s.ToString());
+  fuse_reply_err(req, ToErrno(s));
+}
+
+void FillEntry(Filesystem* fs, const Attr& a, fuse_entry_param* e) {
+  std::memset(e, 0, sizeof(*e));
+  e->ino = ToFuse(fs, a.ino);
+  e->generation = a.generation;
+  a.ToStat(&e->attr);
+  e->attr.st_ino = e->ino;
+  e->attr_timeout = 0;
+  e->entry_timeout = 0;
+}
+
+void ReplyEntry(fuse_req_t req, const Result<Attr>& r) {
+  if (!r.ok()) return ReplyErr(req, r.status());
+  Filesystem* fs = F(req);
+  fuse_entry_param e;
+  FillEntry(fs, *r, &e);
+  e.attr_timeout = C(req)->opts.attr_timeout;
+  e.entry_timeout = C(req)->opts.entry_timeout;
+  fs->AddRef(r->ino);
+  if (fuse_reply_entry(req, &e) != 0) fs->Forget(r->ino, 1);
+}
+
+void ReplyAttr(fuse_req_t req, const Result<Attr>& r) {
+  if (!r.ok()) return ReplyErr(req, r.status());
+  struct stat st;
+  r->ToStat(&st);
+  st.st_ino = ToFuse(F(req), r->ino);
+  fuse_reply_attr(req, &st, C(req)->opts.attr_timeout);
+}
+
+// ------------------------------------------------------------------------------
+
+void OpInit(void* userdata, fuse_conn_info* conn) {
+  (void)userdata;
+  conn->max_write = 1 << 20;
+  conn->max_readahead = 1 << 20;
+  if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want &= ~FUSE_CAP_SPLICE_READ;
+  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+  if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
+  if (conn->capable & FUSE_CAP_READDIRPLUS_AUTO) conn->want |= FUSE_CAP_READDIRPLUS_AUTO;
+  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  // Kernel writeback caching would hide writes from other nodes; not used.
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+}
+
+void OpDestroy(void* userdata) {
+  auto* ctx = static_cast<Ctx*>(userdata);
+  Status st = ctx->fs->SyncAll();
+  if (!st.ok()) spdlog::error("sync at unmount: {}", st.ToString());
+}
+
+void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  ReplyEntry(req, F(req)->Lookup(ToFs(req, parent), name));
+}
+
+void OpForget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  F(req)->Forget(ToFs(req, ino), nlookup);
+  fuse_reply_none(req);
+}
+
+void OpForgetMulti(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  for (size_t i = 0; i < count; i++) F(req)->Forget(ToFs(req, forgets[i].ino), forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  ReplyAttr(req, F(req)->GetAttr(ToFs(req, ino)));
+}
+
+void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
+  SetAttrRequest r;
+  r.mode = to_set & FUSE_SET_ATTR_MODE;
+  r.uid = to_set & FUSE_SET_ATTR_UID;
+  r.gid = to_set & FUSE_SET_ATTR_GID;
+  r.size = to_set & FUSE_SET_ATTR_SIZE;
+  r.atime = to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW);
+  r.mtime = to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW);
+  r.atime_now = to_set & FUSE_SET_ATTR_ATIME_NOW;
+  r.mtime_now = to_set & FUSE_SET_ATTR_MTIME_NOW;
+  r.ctime = to_set & FUSE_SET_ATTR_CTIME;
+  r.new_mode = attr->st_mode;
+  r.new_uid = attr->st_uid;
+  r.new_gid = attr->st_gid;
+  r.new_size = static_cast<uint64_t>(attr->st_size);
+  r.new_atime = attr->st_atim;
+  r.new_mtime = attr->st_mtim;
+  r.new_ctime = attr->st_ctim;
+  r.has_open_file = fi != nullptr;
+  ReplyAttr(req, F(req)->SetAttr(CallerOf(req, r.gid || r.mode), ToFs(req, ino), r));
+}
+
+void OpReadlink(fuse_req_t req, fuse_ino_t ino) {
+  auto r = F(req)->Readlink(ToFs(req, ino));
+  if (!r.ok()) return ReplyErr(req, r.status());
+  fuse_reply_readlink(req, r->c_str());
+}
+
+void OpMknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  ReplyEntry(req, F(req)->Mknod(CallerOf(req, true), ToFs(req, parent), name, mode, rdev));
+}
+
+void OpMkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  ReplyEntry(req, F(req)->Mkdir(CallerOf(req), ToFs(req, parent), name, mode));
+}
+
+void OpSymlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  ReplyEntry(req, F(req)->Symlink(CallerOf(req), ToFs(req, parent), name, link));
+}
+
+void OpUnlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, ToErrno(F(req)->Unlink(CallerOf(req), ToFs(req, parent), name)));
+}
+
+void OpRmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, ToErrno(F(req)->Rmdir(CallerOf(req), ToFs(req, parent), name)));
+}
+
+void OpRename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+              const char* newname, unsigned int flags) {
+  fuse_reply_err(req, ToErrno(F(req)->Rename(CallerOf(req), ToFs(req, parent), name,
+                                             ToFs(req, newparent), newname, flags)));
+}
+
+void OpLink(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
+  ReplyEntry(req, F(req)->Link(CallerOf(req), ToFs(req, ino), ToFs(req, newparent), newname));
+}
+
+void SetOpenFlags(fuse_req_t req, fuse_file_info* fi) {
+  fi->keep_cache = 1;
+  if (fi->flags & O_DIRECT) {
+    fi->direct_io = 1;
+    fi->keep_cache = 0;
+  }
+  (void)req;
+}
+
+void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  uint64_t i = ToFs(req, ino);
+  auto a = F(req)->GetAttr(i);
+  if (!a.ok()) return ReplyErr(req, a.status());
+  if (S_ISDIR(a->mode)) return (void)fuse_reply_err(req, EISDIR);
+  if ((fi->flags & O_TRUNC) && S_ISREG(a->mode)) {
+    // FUSE_CAP_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us.
+    SetAttrRequest r;
+    r.size = true;
+    r.new_size = 0;
+    r.mtime = r.mtime_now = true;
+    r.has_open_file = true;
+    auto t = F(req)->SetAttr(CallerOf(req), i, r);
+    if (!t.ok()) return ReplyErr(req, t.status());
+  }
+  Status st = F(req)->Open(i, fi->flags, CallerOf(req));
+  if (!st.ok()) return ReplyErr(req, st);
+  SetOpenFlags(req, fi);
+  if (fuse_reply_open(req, fi) != 0) F(req)->Release(i);
+}
+
+void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+              fuse_file_info* fi) {
+  Filesystem* fs = F(req);
+  auto r = fs->Mknod(CallerOf(req, true), ToFs(req, parent), name, S_IFREG | (mode & 07777), 0);
+  if (!r.ok()) return ReplyErr(req, r.status());
+  Status st = fs->Open(r->ino, fi->flags, CallerOf(req));
+  if (!st.ok()) return ReplyErr(req, st);
+  fuse_entry_param e;
+  FillEntry(fs, *r, &e);
+  e.attr_timeout = C(req)->opts.attr_timeout;
+  e.entry_timeout = C(req)->opts.entry_timeout;
+  SetOpenFlags(req, fi);
+  fs->AddRef(r->ino);
+  if (fuse_reply_create(req, &e, fi) != 0) {
+    fs->Release(r->ino);
+    fs->Forget(r->ino, 1);
+  }
+}
+
+void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  thread_local std::vector<char> buf;
+  if (buf.size() < size) buf.resize(size);
+  auto r = F(req)->Read(ToFs(req, ino), static_cast<uint64_t>(off), size, buf.data());
+  if (!r.ok()) return ReplyErr(req, r.status());
+  fuse_reply_buf(req, buf.data(), *r);
+}
+
+void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off,
+             fuse_file_info*) {
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  auto r = F(req)->Write(CallerOf(req), ToFs(req, ino), static_cast<uint64_t>(off), data, size);
+  if (!r.ok()) return ReplyErr(req, r.status());
+  fuse_reply_write(req, *r);
+}
+
+void OpFlush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
+
+void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  F(req)->Release(ToFs(req, ino));
+  fuse_reply_err(req, 0);
+}
+
+void OpFsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
+  fuse_reply_err(req, ToErrno(F(req)->Fsync(ToFs(req, ino), datasync != 0)));
+}
+
+void OpOpendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  auto a = F(req)->GetAttr(ToFs(req, ino));
+  if (!a.ok()) return ReplyErr(req, a.status());
+  if (!S_ISDIR(a->mode)) return (void)fuse_reply_err(req, ENOTDIR);
+  fi->cache_readdir = 0;
+  fuse_reply_open(req, fi);
+}
+
+void DoReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus) {
+  Filesystem* fs = F(req);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  // Entries sharing one offset (hash collisions) go to the kernel all or none: the
+  // kernel resumes from the last offset it got, which re-delivers the whole group.
+  uint64_t group_off = 0;
+  size_t group_start = 0;
+  std::vector<uint64_t> group_refs, drop;
+  Status st = fs->ReadDir(ToFs(req, ino), static_cast<uint64_t>(off), plus,
+                          [&](const DirEntryOut& e) {
+    if (e.next != group_off) {
+      group_off = e.next;
+      group_start = used;
+      group_refs.clear();
+    }
+    size_t n;
+    bool ref = false;
+    if (plus) {
+      fuse_entry_param p;
+      bool dot = e.name == "." || e.name == "..";
+      std::memset(&p, 0, sizeof(p));
+      if (dot || !e.has_attr) {
+        p.attr.st_ino = ToFuse(fs, e.ino);  // no attributes: the kernel looks it up
+        p.attr.st_mode = static_cast<mode_t>(e.type) << 12;
+      } else {
+        FillEntry(fs, e.attr, &p);
+        p.attr_timeout = C(req)->opts.attr_timeout;
+        p.entry_timeout = C(req)->opts.entry_timeout;
+        ref = true;
+      }
+      n = fuse_add_direntry_plus(req, buf.data() + used, size - used, e.name.c_str(), &p,
+                                 static_cast<off_t>(e.next));
+    } else {
+      struct stat st;
+      std::memset(&st, 0, sizeof(st));
+      st.st_ino = ToFuse(fs, e.ino);
+      st.st_mode = static_cast<mode_t>(e.type) << 12;
+      n = fuse_add_direntry(req, buf.data() + used, size - used, e.name.c_str(), &st,
+                            static_cast<off_t>(e.next));
+    }
+    if (n > size - used) {
+      if (group_start > 0) {  // drop the partial group (unless it alone fills the buffer)
+        used = group_start;
+        drop = group_refs;  // forgotten after ReadDir let go of the metadata handle
+      }
+      return false;
+    }
+    if (ref) {
+      fs->AddRef(e.ino);
+      group_refs.push_back(e.ino);
+    }
+    used += n;
+    return true;
+  });
+  for (uint64_t r : drop) fs->Forget(r, 1);
+  if (!st.ok()) return ReplyErr(req, st);
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  DoReaddir(req, ino, size, off, false);
+}
+void OpReaddirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  DoReaddir(req, ino, size, off, true);
+}
+void OpReleasedir(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
+void OpFsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
+  fuse_reply_err(req, ToErrno(F(req)->Fsync(ToFs(req, ino), datasync != 0)));
+}
+
+void OpStatfs(fuse_req_t req, fuse_ino_t) {
+  auto r = F(req)->StatFs();
+  if (!r.ok()) return ReplyErr(req, r.status());
+  struct statvfs s;
+  std::memset(&s, 0, sizeof(s));
+  s.f_bsize = r->bsize;
+  s.f_frsize = r->bsize;
+  s.f_blocks = r->blocks;
+  s.f_bfree = r->bfree;
+  s.f_bavail = r->bfree;
+  s.f_files = r->files;
+  s.f_ffree = r->ffree;
+  s.f_favail = r->ffree;
+  s.f_namemax = r->namemax;
+  fuse_reply_statfs(req, &s);
+}
+
+void OpSetxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                int flags) {
+  fuse_reply_err(req, ToErrno(F(req)->SetXattr(CallerOf(req, true), ToFs(req, ino), name,
+                                               std::string_view(value, size), flags)));
+}
+
+void OpGetxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  auto r = F(req)->GetXattr(CallerOf(req), ToFs(req, ino), name);
+  if (!r.ok()) return ReplyErr(req, r.status());
+  if (size == 0) return (void)fuse_reply_xattr(req, r->size());
+  if (r->size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, r->data(), r->size());
+}
+
+void OpListxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  auto r = F(req)->ListXattr(CallerOf(req), ToFs(req, ino));
+  if (!r.ok()) return ReplyErr(req, r.status());
+  if (size == 0) return (void)fuse_reply_xattr(req, r->size());
+  if (r->size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, r->data(), r->size());
+}
+
+void OpRemovexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  fuse_reply_err(req, ToErrno(F(req)->RemoveXattr(CallerOf(req), ToFs(req, ino), name)));
+}
+
+void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, fuse_file_info*) {
+  if (off < 0 || len <= 0) return (void)fuse_reply_err(req, EINVAL);
+  fuse_reply_err(req, ToErrno(F(req)->Fallocate(CallerOf(req), ToFs(req, ino), mode,
+                                                static_cast<uint64_t>(off),
+                                                static_cast<uint64_t>(len))));
+}
+
+void OpLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info*) {
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return (void)fuse_reply_err(req, EINVAL);
+  if (off < 0) return (void)fuse_reply_err(req, ENXIO);
+  auto r = F(req)->Lseek(ToFs(req, ino), static_cast<uint64_t>(off), whence);
+  if (!r.ok()) return ReplyErr(req, r.status());
+  fuse_reply_lseek(req, static_cast<off_t>(*r));
+}
+
+void OpCopyFileRange(fuse_req_t req, fuse_ino_t ino_in, off_t off_in, fuse_file_info*,
+                     fuse_ino_t ino_out, off_t off_out, fuse_file_info*, size_t len, int flags) {
+  if (flags != 0 || off_in < 0 || off_out < 0) return (void)fuse_reply_err(req, EINVAL);
+  auto r = F(req)->CopyFileRange(CallerOf(req), ToFs(req, ino_in), static_cast<uint64_t>(off_in),
+                                 ToFs(req, ino_out), static_cast<uint64_t>(off_out), len);
+  if (!r.ok()) return ReplyErr(req, r.status());
+  fuse_reply_write(req, *r);
+}
+
+fuse_lowlevel_ops MakeOps() {
+  fuse_lowlevel_ops ops;
+  std::memset(&ops, 0, sizeof(ops));
+  ops.init = OpInit;
+  ops.destroy = OpDestroy;
+  ops.lookup = OpLookup;
+  ops.forget = OpForget;
+  ops.forget_multi = OpForgetMulti;
+  ops.getattr = OpGetattr;
+  ops.setattr = OpSetattr;
+  ops.readlink = OpReadlink;
+  ops.mknod = OpMknod;
+  ops.mkdir = OpMkdir;
+  ops.symlink = OpSymlink;
+  ops.unlink = OpUnlink;
+  ops.rmdir = OpRmdir;
+  ops.rename = OpRename;
+  ops.link = OpLink;
+  ops.open = OpOpen;
+  ops.create = OpCreate;
+  ops.read = OpRead;
+  ops.write = OpWrite;
+  ops.flush = OpFlush;
+  ops.release = OpRelease;
+  ops.fsync = OpFsync;
+  ops.opendir = OpOpendir;
+  ops.readdir = OpReaddir;
+  ops.readdirplus = OpReaddirplus;
+  ops.releasedir = OpReleasedir;
+  ops.fsyncdir = OpFsyncdir;
+  ops.statfs = OpStatfs;
+  ops.setxattr = OpSetxattr;
+  ops.getxattr = OpGetxattr;
+  ops.listxattr = OpListxattr;
+  ops.removexattr = OpRemovexattr;
+  ops.fallocate = OpFallocate;
+  ops.lseek = OpLseek;
+  ops.copy_file_range = OpCopyFileRange;
+  return ops;
+}
+
+}  // namespace
+
+int RunFuse(Filesystem* fs, const FuseOptions& opts) {
+  Ctx ctx{fs, opts};
+  std::vector<std::string> argv_s = {"agorafs", "-o", "default_permissions",
+                                     "-o", "fsname=" + opts.fsname, "-o", "subtype=agorafs"};
+  if (opts.allow_other) {
+    argv_s.push_back("-o");
+    argv_s.push_back("allow_other");
+  }
+  for (const auto& e : opts.extra) {
+    argv_s.push_back("-o");
+    argv_s.push_back(e);
+  }
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  fuse_lowlevel_ops ops = MakeOps();
+  fuse_session* se = fuse_session_new(&args, &ops, sizeof(ops), &ctx);
+  if (!se) {
+    std::fprintf(stderr, "agorafs: could not create the FUSE session\n");
+    return 1;
+  }
+  int rc = 1;
+  if (fuse_set_signal_handlers(se) == 0) {
+    if (fuse_session_mount(se, opts.mountpoint.c_str()) == 0) {
+      if (opts.ready_fd >= 0) {
+        ssize_t w = write(opts.ready_fd, "0\n", 2);
+        (void)w;
+        close(opts.ready_fd);
+      }
+      if (opts.detach_stderr_to >= 0) dup2(opts.detach_stderr_to, 2);
+      fuse_loop_config* cfg = fuse_loop_cfg_create();
+      fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
+      fuse_loop_cfg_set_idle_threads(cfg, 4);
+      rc = fuse_session_loop_mt(se, cfg);
+      // libfuse reports the signal that ended the loop; SIGTERM/INT/HUP is a clean end.
+      if (rc == SIGTERM || rc == SIGINT || rc == SIGHUP) rc = 0;
+      fuse_loop_cfg_destroy(cfg);
+      fuse_session_unmount(se);
+    } else {
+      std::fprintf(stderr, "agorafs: could not mount on %s\n", opts.mountpoint.c_str());
+    }
+    fuse_remove_signal_handlers(se);
+  }
+  fuse_session_destroy(se);
+  return rc == 0 ? 0 : 1;
+}
+
+}  // namespace agorafs

@@ -1,0 +1,40 @@
+// FUSE adapter: the libfuse3 low-level operations table over Filesystem.
+//
+// Each handler converts the request into a Filesystem call and the result into a
+// reply; errno appears only here (errno_map.h). The adapter keeps FUSE's lookup
+// counts exactly: every reply that hands the kernel an entry adds a reference
+// (Filesystem::AddRef), every forget drops them.
+//
+// Caching: the kernel may cache attributes and entries for `attr_timeout` seconds and
+// keeps file pages across opens. In a single-node mount this node is the only writer,
+// so long timeouts are safe; the cluster layer will invalidate explicitly.
+//
+// Thread-safety: handlers run concurrently on libfuse's worker threads; Filesystem is
+// thread-safe.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "fs/filesystem.h"
+
+namespace agorafs {
+
+struct FuseOptions {
+  std::string mountpoint;
+  std::string fsname;              // shown in /proc/mounts
+  bool allow_other = false;
+  bool foreground = true;          // the CLI daemonises before calling RunFuse
+  double attr_timeout = 3600.0;
+  double entry_timeout = 3600.0;
+  unsigned max_threads = 16;
+  std::vector<std::string> extra;  // extra -o options passed to libfuse
+  int ready_fd = -1;               // written "0\n" once mounted, then closed
+  int detach_stderr_to = -1;       // once mounted, stderr is redirected to this fd
+};
+
+// Mounts, serves until unmounted or SIGTERM/SIGINT, then returns. Returns 0 on a clean
+// end, non-zero when the mount failed (with a message on stderr).
+int RunFuse(Filesystem* fs, const FuseOptions& opts);
+
+}  // namespace agorafs
