@@ -73,7 +73,8 @@ void MetaStore::BackgroundLoop() {
       std::lock_guard<std::mutex> clk(commit_mu_);
       Status st = CommitInternal();
       if (st.ok() && (journal_->FreeBlocks() < journal_->Capacity() / 2 ||
-                      cache_.size() > opts_.cache_blocks)) {
+                      cache_.size() > opts_.cache_blocks ||
+                      unhomed_copies_ > opts_.cache_blocks / 8)) {
         st = CheckpointInternal();
       }
       if (!st.ok()) spdlog::error("background commit failed: {}", st.ToString());
@@ -99,7 +100,9 @@ std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t cre
     std::unique_ptr<Handle> h(new Handle(this, read_only));
     if (read_only || !failed_.ok()) return h;
     bool txn_full = dirty_.size() + credits > TxnLimit();
-    bool cache_full = cache_.size() > opts_.cache_blocks + opts_.cache_blocks / 4;
+    // Committed copies not yet home count against the cache budget too.
+    bool cache_full = cache_.size() > opts_.cache_blocks + opts_.cache_blocks / 4 ||
+                      unhomed_copies_ > opts_.cache_blocks / 4;
     if (!txn_full && !cache_full) return h;
     h.reset();
     std::lock_guard<std::mutex> clk(commit_mu_);
@@ -450,6 +453,7 @@ Status MetaStore::CommitInternal() {
   std::lock_guard<std::mutex> g(mu_);
   stats_.commits++;
   stats_.blocks_journaled += copies.size();
+  unhomed_copies_ += copies.size();
   committed_.push_back(Committed{seq, std::move(copies), std::move(freed)});
   return Status::Ok();
 }
@@ -503,6 +507,7 @@ Status MetaStore::CheckpointInternal() {
     }
   }
   committed_.clear();
+  unhomed_copies_ = 0;
   stats_.checkpoints++;
   return Status::Ok();
 }
@@ -530,7 +535,11 @@ Status MetaStore::DropLock(LockId lock) {
     if (it == by_lock_.end()) return Status::Ok();
     bool any_dirty = false;
     for (uint64_t blk : it->second) any_dirty |= cache_[blk]->dirty;
-    if (any_dirty && attempt < 100) continue;  // changed again meanwhile: commit again
+    if (any_dirty) {
+      // Changed again meanwhile: commit again. Dropping a dirty block would lose it.
+      if (attempt < 100) continue;
+      return Err(Code::kBusy, "blocks of the lock keep changing while it is revoked");
+    }
     std::vector<uint64_t> blks(it->second.begin(), it->second.end());
     for (uint64_t blk : blks) DropBufferLocked(blk);
     return Status::Ok();

@@ -176,6 +176,7 @@ class MetaStore {
   std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
   std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
   uint64_t free_total_ = 0;
+  size_t unhomed_copies_ = 0;  // blocks held in committed_ (memory not yet released)
   Status failed_;
   StoreStats stats_;
 

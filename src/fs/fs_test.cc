@@ -290,5 +290,46 @@ TEST_F(FsTest, NoSpaceIsCleanAndAccountingRecovers) {
   EXPECT_EQ(fs_->StatFs()->bfree, free0);
 }
 
+TEST_F(FsTest, DeviceErrorsBecomeEioAndNothingIsAcknowledgedFalsely) {
+  uint64_t f = Create(Root(), "io");
+  WriteAt(f, 0, std::string(100000, 'a'));
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  // A failing data write: the call fails, the file keeps its old contents.
+  fault_->FailNth(IoKind::kWrite, 1);
+  auto w = fs_->Write(caller_, f, 0, std::string(8192, 'b').data(), 8192);
+  EXPECT_TRUE(w.status().Is(Code::kIOError));
+  // A failing read.
+  fault_->FailNth(IoKind::kRead, 1);
+  std::string buf(4096, '\0');
+  EXPECT_TRUE(fs_->Read(f, 0, buf.size(), buf.data()).status().Is(Code::kIOError));
+  // A failing flush: fsync must not report success.
+  WriteAt(f, 200000, "tail");
+  fault_->FailNth(IoKind::kFlush, 1);
+  EXPECT_FALSE(fs_->Fsync(f, false).ok());
+  // The journal can no longer be written: every later change fails, nothing is lost
+  // that an fsync acknowledged.
+  EXPECT_FALSE(fs_->health().ok());
+  EXPECT_FALSE(fs_->Mknod(caller_, Root(), "after", S_IFREG | 0644, 0).ok());
+  CrashAndRemount();
+  auto a = fs_->Lookup(Root(), "io");
+  ASSERT_TRUE(a.ok());
+  std::string got = ReadAll(a->ino);
+  EXPECT_EQ(got.substr(0, 100000), std::string(100000, 'a'));
+}
+
+TEST_F(FsTest, DeviceThatDisappearsStopsTheNodeCleanly) {
+  uint64_t f = Create(Root(), "gone");
+  WriteAt(f, 0, "kept");
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  fault_->SetGone(true);
+  EXPECT_FALSE(fs_->Write(caller_, f, 0, "x", 1).ok() && fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->Mknod(caller_, Root(), "n", S_IFREG | 0644, 0).ok() &&
+               fs_->SyncAll().ok());
+  CrashAndRemount();
+  auto a = fs_->Lookup(Root(), "gone");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(ReadAll(a->ino).substr(0, 4), "kept");
+}
+
 }  // namespace
 }  // namespace agorafs

@@ -1,0 +1,156 @@
+// MetaStore over a real journal on MemDevice/FaultDevice.
+#include "cache/meta_store.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "device/fault_device.h"
+#include "device/mem_device.h"
+#include "fs/super.h"
+
+namespace agorafs {
+namespace {
+
+class MetaStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    mem_ = std::make_shared<MemDevice>(uint64_t(64) << 20);
+    MkfsOptions mo;
+    mo.params.node_slots = 2;
+    auto sb = Mkfs(mem_.get(), mo);
+    ASSERT_TRUE(sb.ok());
+    sb_ = *sb;
+    g_ = GeometryOf(sb_);
+    fault_ = std::make_unique<FaultDevice>(mem_.get());
+    Open(64);
+  }
+  void Open(size_t cache_blocks) {
+    store_.reset();
+    auto j = Journal::Open(fault_.get(), g_, SuperUuid(sb_), 0, 1);
+    ASSERT_TRUE(j.ok());
+    journal_ = std::move(j).value();
+    auto r = journal_->Replay();
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    replayed_ = r->transactions;
+    StoreOptions o;
+    o.cache_blocks = cache_blocks;
+    o.background = false;
+    store_ = std::make_unique<MetaStore>(fault_.get(), sb_, journal_.get(), &locks_, o);
+    ASSERT_TRUE(store_->Init().ok());
+  }
+  // A new xattr-type block with a recognisable payload.
+  uint64_t NewBlock(uint8_t fill) {
+    auto h = store_->Begin();
+    auto nb = h->NewBlock(BlockType::kXattr, MakeLockId(LockKind::kInode, 777), 0);
+    EXPECT_TRUE(nb.ok());
+    std::memset(nb->second + sizeof(BlockHeader), fill, 100);
+    return nb->first;
+  }
+  uint8_t OnDisk(uint64_t blk) {
+    AlignedBuffer b(kBlockSize);
+    EXPECT_TRUE(mem_->Read(blk * kBlockSize, b.data(), kBlockSize).ok());
+    if (!VerifyBlock(b.data(), BlockType::kXattr, blk, SuperUuid(sb_)).ok()) return 0;
+    return b.data()[sizeof(BlockHeader)];
+  }
+
+  std::shared_ptr<MemDevice> mem_;
+  std::unique_ptr<FaultDevice> fault_;
+  Superblock sb_;
+  Geometry g_;
+  LocalLockManager locks_;
+  std::unique_ptr<Journal> journal_;
+  std::unique_ptr<MetaStore> store_;
+  uint64_t replayed_ = 0;
+};
+
+TEST_F(MetaStoreTest, CommittedChangesSurviveACrashUncommittedDoNot) {
+  uint64_t a = NewBlock(0x11);
+  ASSERT_TRUE(store_->Commit().ok());
+  uint64_t b = NewBlock(0x22);  // never committed
+  EXPECT_EQ(OnDisk(a), 0);      // only in the journal so far
+  mem_->Crash();
+  Open(64);
+  EXPECT_EQ(replayed_, 1u);
+  EXPECT_EQ(OnDisk(a), 0x11);
+  EXPECT_EQ(OnDisk(b), 0);
+}
+
+TEST_F(MetaStoreTest, FreedBlockIsNotReusedBeforeCheckpoint) {
+  uint64_t a = NewBlock(1);
+  ASSERT_TRUE(store_->Commit().ok());
+  {
+    auto h = store_->Begin();
+    ASSERT_TRUE(h->Free(a, 1).ok());
+  }
+  ASSERT_TRUE(store_->Commit().ok());
+  for (int i = 0; i < 50; i++) EXPECT_NE(NewBlock(2), a);
+  ASSERT_TRUE(store_->Sync().ok());
+  bool reused = false;
+  {
+    auto h = store_->Begin();
+    auto al = h->AllocData(a, 1);
+    ASSERT_TRUE(al.ok());
+    reused = al->start == a;
+  }
+  EXPECT_TRUE(reused);
+}
+
+TEST_F(MetaStoreTest, DropLockWritesHomeThenForgets) {
+  uint64_t a = NewBlock(0x33);
+  LockId lock = MakeLockId(LockKind::kInode, 777);
+  ASSERT_TRUE(locks_.Revoke(lock, LockMode::kNone).ok());  // no callback set: nothing
+  locks_.SetRevokeCallback([&](LockId id, LockMode) { return store_->DropLock(id); });
+  ASSERT_TRUE(locks_.Revoke(lock, LockMode::kNone).ok());
+  EXPECT_EQ(OnDisk(a), 0x33);  // home before the lock went
+  uint64_t misses = store_->stats().cache_misses;
+  {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(a, BlockType::kXattr, lock).ok());
+  }
+  EXPECT_EQ(store_->stats().cache_misses, misses + 1);  // it had been dropped
+}
+
+TEST_F(MetaStoreTest, JournalWriteErrorStopsAllWriting) {
+  NewBlock(1);
+  fault_->FailNth(IoKind::kWrite, 1);
+  EXPECT_FALSE(store_->Commit().ok());
+  EXPECT_FALSE(store_->failed().ok());
+  auto h = store_->Begin();
+  EXPECT_TRUE(h->NewBlock(BlockType::kXattr, MakeLockId(LockKind::kInode, 1), 0)
+                  .status()
+                  .Is(Code::kIOError));
+}
+
+TEST_F(MetaStoreTest, CacheStaysWithinItsBudget) {
+  std::vector<uint64_t> blocks;
+  for (int i = 0; i < 600; i++) {
+    blocks.push_back(NewBlock(uint8_t(i)));
+    if (i % 50 == 0) {
+      ASSERT_TRUE(store_->Commit().ok());
+    }
+  }
+  ASSERT_TRUE(store_->Sync().ok());
+  for (uint64_t b : blocks) {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(b, BlockType::kXattr, MakeLockId(LockKind::kInode, 777)).ok());
+  }
+  EXPECT_LE(store_->stats().cached_blocks, 256u + 1);  // minimum budget is 256 blocks
+}
+
+TEST_F(MetaStoreTest, CorruptBlockIsRefusedAndNamed) {
+  uint64_t a = NewBlock(5);
+  ASSERT_TRUE(store_->Sync().ok());
+  Open(64);  // cold cache
+  AlignedBuffer b(kBlockSize);
+  ASSERT_TRUE(mem_->Read(a * kBlockSize, b.data(), kBlockSize).ok());
+  b.data()[200] ^= 1;
+  ASSERT_TRUE(mem_->Write(a * kBlockSize, b.data(), kBlockSize).ok());
+  auto h = store_->Begin(true);
+  auto r = h->Read(a, BlockType::kXattr, MakeLockId(LockKind::kInode, 777));
+  ASSERT_TRUE(r.status().Is(Code::kCorruption));
+  EXPECT_NE(r.status().message().find(std::to_string(a)), std::string::npos);
+}
+
+}  // namespace
+}  // namespace agorafs
