@@ -104,7 +104,17 @@ void OpDestroy(void* userdata) {
 }
 
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  ReplyEntry(req, F(req)->Lookup(ToFs(req, parent), name));
+  auto r = F(req)->Lookup(ToFs(req, parent), name);
+  if (!r.ok() && r.status().Is(Code::kNotFound)) {
+    // A negative entry: the kernel remembers the name is absent (this node is the only
+    // writer; the cluster layer will invalidate entries explicitly).
+    fuse_entry_param e;
+    std::memset(&e, 0, sizeof(e));
+    e.entry_timeout = C(req)->opts.entry_timeout;
+    fuse_reply_entry(req, &e);
+    return;
+  }
+  ReplyEntry(req, r);
 }
 
 void OpForget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
