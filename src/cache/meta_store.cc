@@ -28,6 +28,7 @@ Status MetaStore::Init() {
   running_seq_ = journal_->last_committed() + 1;
   ag_free_.assign(g_.ag_count, 0);
   ag_rotor_.assign(g_.ag_count, 0);
+  ag_first_free_.assign(g_.ag_count, 0);
   ag_bad_.assign(g_.ag_count, false);
   AlignedBuffer buf(kBlockSize);
   free_total_ = 0;
@@ -99,15 +100,19 @@ std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t cre
   for (;;) {
     std::unique_ptr<Handle> h(new Handle(this, read_only));
     if (read_only || !failed_.ok()) return h;
-    bool txn_full = dirty_.size() + credits > TxnLimit();
+    // An empty transaction always takes the handle, however many credits it asks.
+    bool txn_full = !dirty_.empty() && dirty_.size() + credits > TxnLimit();
+    // Frees wait for a checkpoint before reuse; once they are a sizeable part of what
+    // is left, checkpoint so that allocation does not run dry with space "free".
+    bool reclaim = pending_total_ > 0 && pending_total_ > (free_total_ - pending_total_) / 4;
     // Committed copies not yet home count against the cache budget too.
     bool cache_full = cache_.size() > opts_.cache_blocks + opts_.cache_blocks / 4 ||
                       unhomed_copies_ > opts_.cache_blocks / 4;
-    if (!txn_full && !cache_full) return h;
+    if (!txn_full && !cache_full && !reclaim) return h;
     h.reset();
     std::lock_guard<std::mutex> clk(commit_mu_);
     Status st = CommitInternal();
-    if (st.ok() && cache_full) st = CheckpointInternal();
+    if (st.ok() && (cache_full || reclaim)) st = CheckpointInternal();
     if (!st.ok()) spdlog::error("commit to make room failed: {}", st.ToString());
   }
 }
@@ -256,7 +261,11 @@ bool MetaStore::PendingFree(uint64_t blk, uint64_t* skip_to) const {
 Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want) {
   const uint64_t base = g_.AgStart(ag);
   const uint32_t size = g_.AgSize(ag);
-  uint64_t i = from;
+  // Nothing below ag_first_free_ is free: start there at the earliest, and move it up
+  // when this scan proves more of the AG used (pending frees are not "used").
+  const bool from_first = from <= ag_first_free_[ag];
+  uint64_t i = std::max<uint64_t>(from, ag_first_free_[ag]);
+  uint64_t lowest_pending = UINT64_MAX;
   while (i < size) {
     uint32_t bm = static_cast<uint32_t>(i / kBitsPerBitmap);
     uint64_t bmblk = base + 1 + bm;
@@ -277,6 +286,7 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
       }
       uint64_t skip;
       if (PendingFree(base + i, &skip)) {
+        lowest_pending = std::min(lowest_pending, i);
         i = skip - base;
         continue;
       }
@@ -307,9 +317,11 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
       ag_free_[ag] -= std::min<uint64_t>(ag_free_[ag], len);
       free_total_ -= std::min<uint64_t>(free_total_, len);
       ag_rotor_[ag] = static_cast<uint32_t>(start + len);
+      if (from_first) ag_first_free_[ag] = std::min<uint64_t>(start + len, lowest_pending);
       return Allocation{base + start, len};
     }
   }
+  if (from_first) ag_first_free_[ag] = std::min<uint64_t>(size, lowest_pending);
   return Allocation{0, 0};
 }
 
@@ -380,10 +392,12 @@ Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
     if (!hb.ok()) return hb.status();
     auto* agh = reinterpret_cast<AgHeader*>((*hb)->data.data());
     agh->free_blocks += n;
+    ag_first_free_[ag] = std::min<uint64_t>(ag_first_free_[ag], off);
     ag_free_[ag] += n;
     free_total_ += n;
     running_freed_.emplace_back(blk, n);
     pending_free_[blk] = {n, running_seq_};
+    pending_total_ += n;
     blk += n;
     count -= n;
   }
@@ -501,6 +515,7 @@ Status MetaStore::CheckpointInternal() {
   }
   for (auto pf = pending_free_.begin(); pf != pending_free_.end();) {
     if (pf->second.second <= last) {
+      pending_total_ -= std::min<uint64_t>(pending_total_, pf->second.first);
       pf = pending_free_.erase(pf);
     } else {
       ++pf;
@@ -544,6 +559,15 @@ Status MetaStore::DropLock(LockId lock) {
     for (uint64_t blk : blks) DropBufferLocked(blk);
     return Status::Ok();
   }
+}
+
+Result<bool> MetaStore::Reclaim() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (pending_total_ == 0) return false;
+  }
+  AGFS_RETURN_IF_ERROR(Sync());
+  return true;
 }
 
 uint64_t MetaStore::FreeBlocks() const {

@@ -109,6 +109,10 @@ class MetaStore {
   Status Commit();
   // Commit, then write everything home and empty the journal.
   Status Sync();
+  // When freed blocks wait for a checkpoint, checkpoints so that they can be handed
+  // out again; true if there were any. Call without a Handle, after an allocation
+  // failed with kNoSpace, then retry once.
+  Result<bool> Reclaim();
   // Commit, checkpoint, and drop every cached block covered by `lock`.
   Status DropLock(LockId lock);
 
@@ -174,9 +178,11 @@ class MetaStore {
   std::map<uint64_t, std::pair<uint64_t, uint64_t>> pending_free_;  // start -> (len, seq)
   std::vector<uint64_t> ag_free_;
   std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
+  std::vector<uint64_t> ag_first_free_;  // no free block below this offset in the AG
   std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
   uint64_t free_total_ = 0;
-  size_t unhomed_copies_ = 0;  // blocks held in committed_ (memory not yet released)
+  size_t unhomed_copies_ = 0;
+  uint64_t pending_total_ = 0;  // blocks in pending_free_  // blocks held in committed_ (memory not yet released)
   Status failed_;
   StoreStats stats_;
 

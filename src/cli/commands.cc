@@ -1,6 +1,7 @@
 #include "cli/commands.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -129,6 +130,10 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
 }
 
 int RunMount(const MountArgs& a) {
+  // Bound the daemon's memory to its caches: fixed mmap threshold (no dynamic growth
+  // that keeps freed multi-MiB buffers in the heap) and few malloc arenas.
+  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  mallopt(M_ARENA_MAX, 2);
   MountOptions mo;
   FuseOptions fo;
   fo.mountpoint = a.mountpoint;

@@ -156,6 +156,11 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
 
 Result<size_t> Filesystem::Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
                                  size_t len) {
+  return RetryOnNoSpace(store_.get(), [&] { return WriteOnce(c, ino, off, buf, len); });
+}
+
+Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off,
+                                     const char* buf, size_t len) {
   if (len == 0) return size_t(0);
   if (off > kMaxFileSize || len > kMaxFileSize - off) return Err(Code::kTooBig, "file too large");
   auto st = State(ino);
@@ -280,6 +285,11 @@ Status Filesystem::Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bo
 }
 
 Status Filesystem::Fallocate(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len) {
+  return RetryOnNoSpace(store_.get(), [&] { return FallocateOnce(c, ino, mode, off, len); });
+}
+
+Status Filesystem::FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64_t off,
+                                 uint64_t len) {
   const int kSupported = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
   if (mode & ~kSupported) return Err(Code::kNotSupported, "fallocate mode not supported");
   bool punch = mode & FALLOC_FL_PUNCH_HOLE;

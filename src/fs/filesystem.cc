@@ -261,6 +261,7 @@ Status Filesystem::ClaimSlot() {
   mine.mount_ns = uint64_t(now.tv_sec) * 1000000000ull + uint64_t(now.tv_nsec);
   auto host = HostName(opts_);
   std::strncpy(mine.host, host->c_str(), sizeof(mine.host) - 1);
+  mine.state = kSlotMounted;  // the heartbeat rewrites the block from this copy
   hb_counter_ = 1;
   slot_block_ = mine;
   return WriteSlotState(slot, kSlotMounted, &mine);
@@ -416,6 +417,7 @@ Status Filesystem::FreeInode(uint32_t orphan_slot, uint64_t ino) {
       I->xattr_block = 0;
     }
     AGFS_RETURN_IF_ERROR(RemoveOrphan(*h, orphan_slot, ino));
+    I->flags &= ~kInodeFlagOrphan;
     return h->Free(ino, 1);
   }
 }

@@ -239,6 +239,11 @@ class Filesystem {
   Status ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& I, uint64_t from);
   Result<Attr> CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                           uint64_t rdev, std::string_view symlink_target);
+  Result<Attr> CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
+                              uint32_t mode, uint64_t rdev, std::string_view symlink_target);
+  Result<size_t> WriteOnce(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
+                           size_t len);
+  Status FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len);
   uint64_t NextGeneration() { return next_gen_++; }
 };
 

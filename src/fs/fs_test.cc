@@ -12,6 +12,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "device/fault_device.h"
 #include "device/mem_device.h"
@@ -329,6 +330,40 @@ TEST_F(FsTest, DeviceThatDisappearsStopsTheNodeCleanly) {
   auto a = fs_->Lookup(Root(), "gone");
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(ReadAll(a->ino).substr(0, 4), "kept");
+}
+
+// Regression: freed space waited for a checkpoint that only journal pressure caused,
+// so a rewrite loop hit ENOSPC with the disk nearly empty.
+TEST_F(FsTest, RewritingOneFileNeverRunsOutOfFreedSpace) {
+  uint64_t f = Create(Root(), "loop");
+  std::string chunk(8 << 20, 'r');
+  for (int i = 0; i < 80; i++) {  // 640 MiB through a 256 MiB device
+    auto w = fs_->Write(caller_, f, 0, chunk.data(), chunk.size());
+    ASSERT_TRUE(w.ok()) << "iteration " << i << ": " << w.status().ToString();
+    SetAttrRequest r;
+    r.size = true;
+    r.new_size = 0;
+    ASSERT_TRUE(fs_->SetAttr(caller_, f, r).ok());
+  }
+}
+
+// Regression: the heartbeat rewrote the slot from a copy that said "free", so a live
+// node looked unmounted and a second mount took its slot and journal.
+TEST_F(FsTest, HeartbeatKeepsTheSlotMarkedMounted) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // several heartbeats
+  auto sb = ReadSuperblock(mem_.get());
+  ASSERT_TRUE(sb.ok());
+  Geometry g = GeometryOf(*sb);
+  AlignedBuffer b(kBlockSize);
+  uint64_t blk = g.SlotBlock(fs_->info().slot, kSlotHeartbeat);
+  ASSERT_TRUE(mem_->Read(blk * kBlockSize, b.data(), kBlockSize).ok());
+  const auto* slot = reinterpret_cast<const SlotBlock*>(b.data());
+  EXPECT_EQ(slot->state, uint32_t(kSlotMounted));
+  EXPECT_GT(slot->counter, 2u);
+  // A second mount of the same device is refused while this one lives.
+  auto second = Filesystem::Mount(std::make_unique<FaultDevice>(mem_), MountOptions{});
+  ASSERT_FALSE(second.ok());
+  EXPECT_TRUE(second.status().Is(Code::kBusy)) << second.status().ToString();
 }
 
 }  // namespace

@@ -61,6 +61,14 @@ Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name) {
 Result<Attr> Filesystem::CreateNode(const Caller& c, uint64_t parent, std::string_view name,
                                     uint32_t mode, uint64_t rdev,
                                     std::string_view symlink_target) {
+  return RetryOnNoSpace(store_.get(), [&] {
+    return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
+  });
+}
+
+Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
+                                        uint32_t mode, uint64_t rdev,
+                                        std::string_view symlink_target) {
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kExists, "name exists");
   bool is_dir = S_ISDIR(mode);

@@ -246,6 +246,7 @@ Result<Superblock> Mkfs(BlockDevice* dev, const MkfsOptions& opts) {
   uint64_t gen = 1;
   InitInodeCore(root, S_IFDIR | 0755, opts.root_uid, opts.root_gid, gen, ToTs(now));
   root->parent = sb.root_ino;
+  root->blocks = 1;  // the inode block itself, as for every inode
   if (getrandom(&root->hash_seed, sizeof(root->hash_seed), 0) != sizeof(root->hash_seed)) {
     return Err(Code::kIOError, "getrandom failed");
   }

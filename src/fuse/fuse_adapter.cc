@@ -9,6 +9,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <climits>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -453,6 +455,35 @@ fuse_lowlevel_ops MakeOps() {
   return ops;
 }
 
+// The kernel caps a FUSE mount's readahead at the bdi default (128 KiB) whatever
+// max_readahead says; sequential reads then arrive in 128 KiB requests. Raise it to
+// match max_write. Best effort: an error only costs speed. The mount's device number
+// comes from /proc/self/mountinfo: stat() on the mount point would send a request to
+// this very daemon before it serves any (a self-deadlock).
+void RaiseReadahead(const std::string& mountpoint) {
+  char real[PATH_MAX];
+  if (!realpath(mountpoint.c_str(), real)) return;
+  FILE* mi = std::fopen("/proc/self/mountinfo", "r");
+  if (!mi) return;
+  char line[4096];
+  std::string dev;
+  while (std::fgets(line, sizeof(line), mi)) {
+    // id parent major:minor root mountpoint ...
+    char devbuf[64], root[PATH_MAX], mp[PATH_MAX];
+    int id, parent;
+    if (std::sscanf(line, "%d %d %63s %4095s %4095s", &id, &parent, devbuf, root, mp) == 5 &&
+        std::strcmp(mp, real) == 0) {
+      dev = devbuf;  // the last match is the newest mount
+    }
+  }
+  std::fclose(mi);
+  if (dev.empty()) return;
+  FILE* f = std::fopen(("/sys/class/bdi/" + dev + "/read_ahead_kb").c_str(), "w");
+  if (!f) return;
+  std::fprintf(f, "1024\n");
+  std::fclose(f);
+}
+
 }  // namespace
 
 int RunFuse(Filesystem* fs, const FuseOptions& opts) {
@@ -485,6 +516,7 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
         close(opts.ready_fd);
       }
       if (opts.detach_stderr_to >= 0) dup2(opts.detach_stderr_to, 2);
+      RaiseReadahead(opts.mountpoint);
       fuse_loop_config* cfg = fuse_loop_cfg_create();
       fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
       fuse_loop_cfg_set_idle_threads(cfg, 4);
