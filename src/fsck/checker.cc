@@ -111,6 +111,15 @@ bool Checker::IsAgMeta(uint64_t blk) const {
   return blk - g_.AgStart(g_.AgOf(blk)) < 1 + uint64_t(g_.bitmap_blocks);
 }
 
+int Checker::BitOf(uint64_t blk) const {
+  if (!InAg(blk)) return -1;
+  const uint32_t ag = g_.AgOf(blk);
+  const uint64_t i = blk - g_.AgStart(ag);
+  const AgState& a = ags_[ag];
+  if (!a.bm_ok[i / kBitsPerBitmap]) return -1;
+  return BitSet(a.bits, i) ? 1 : 0;
+}
+
 int Checker::ClaimMeta(uint64_t blk, Own kind) {
   if (!ValidBlock(blk)) return 1;
   if (own_[blk] != kOwnNone) return 2;
@@ -288,6 +297,12 @@ Checker::Ino& Checker::ProcessInode(uint64_t ino) {
     return in;
   }
   in.valid = true;
+  if (I.nlink == 0 && in.orphan_slot < 0 && BitOf(ino) == 0 && ino != sb_.root_ino) {
+    // Freed: whatever still names it is stale. Nothing of it is owned.
+    in.free_inode = true;
+    in.mode = I.mode;
+    return in;
+  }
   in.mode = I.mode;
   in.nlink = I.nlink;
   in.flags = I.flags;
@@ -468,9 +483,14 @@ void Checker::ProcessDirContents(uint64_t dino) {
     std::vector<std::string> dprobs;
     (void)dir::Check(txn_, dino, I, &dprobs, [&](const dir::Entry& e) { ents.push_back(e); });
     for (auto& m : dprobs) {
+      // A `blocks` field too small is a count to correct (blocks-count), not damage.
+      if (m.find("is less than the") != std::string::npos &&
+          m.find("directory blocks") != std::string::npos) {
+        continue;
+      }
       AddProblem("bad-dir", dino, dino, fmt::format("directory {}: {}", PathOf(dino), m));
+      in.rebuild = true;
     }
-    if (!dprobs.empty()) in.rebuild = true;
     bool complete = true;
     std::vector<uint64_t> blocks = DirBlocks(txn_, dino, I, &complete);
     for (uint64_t b : blocks) {
@@ -513,8 +533,7 @@ void Checker::ProcessDirContents(uint64_t dino) {
       kept.push_back(std::move(k));
     }
   }
-  Ino& d = inodes_[dino];  // HandleEntry may have rehashed inodes_
-  if (d.rebuild) {
+  if (in.rebuild) {
     Fix& f = FixOf(dino);
     f.rebuild_dir = true;
     f.entries = std::move(kept);
@@ -539,7 +558,7 @@ bool Checker::HandleEntry(uint64_t dino, const dir::Entry& e, uint8_t* type) {
                fmt::format("{} points at damaged inode {}", where(), t));
     return false;
   }
-  if (ti.nlink == 0 && ti.orphan_slot < 0) {
+  if (ti.free_inode) {
     AddProblem("dangling-entry", t, dino, fmt::format("{} points at free inode {}", where(), t));
     return false;
   }
@@ -554,6 +573,11 @@ bool Checker::HandleEntry(uint64_t dino, const dir::Entry& e, uint8_t* type) {
     if (t == sb_.root_ino || t == dino || ti.entry_parent != 0) {
       AddProblem("dir-hardlink", t, dino,
                  fmt::format("{} is a second link to directory {}", where(), t));
+      return false;
+    }
+    if (lost_walk_ && t == walk_root_) {
+      AddProblem("dir-hardlink", t, dino,
+                 fmt::format("{} names directory {}, which contains it (a cycle)", where(), t));
       return false;
     }
     ti.entry_parent = dino;
@@ -690,6 +714,7 @@ void Checker::FindLost() {
   for (uint64_t c : candidates) {
     Ino& in = ProcessInode(c);
     in.lost = true;
+    walk_root_ = c;
     if (in.valid && S_ISDIR(in.mode) && !in.contents_done) {
       queue_.push_back(c);
       while (!queue_.empty()) {
@@ -761,7 +786,7 @@ void Checker::FinalInodeChecks() {
   std::vector<uint64_t> order;
   order.reserve(inodes_.size());
   for (auto& [ino, in] : inodes_) {
-    if (in.valid) order.push_back(ino);
+    if (in.valid && !in.free_inode) order.push_back(ino);
   }
   std::sort(order.begin(), order.end());
   // Claims of each inode, for rewrites.
@@ -817,10 +842,7 @@ void Checker::FinalInodeChecks() {
     }
     // Blocks.
     const uint64_t cur = 1 + in.meta_blocks + in.data_blocks + (in.xattr_block ? 1 : 0);
-    // Mkfs writes the root with blocks 0 (not counting its own block, unlike every
-    // inode the filesystem creates): accept that for the root.
-    const bool root_quirk = ino == sb_.root_ino && in.blocks + 1 == cur;
-    if (!in.rewrite && !in.rebuild && !in.reset && in.blocks != cur && !root_quirk) {
+    if (!in.rewrite && !in.rebuild && !in.reset && in.blocks != cur) {
       AddProblem("blocks-count", ino, ino,
                  fmt::format("{}: blocks {} but it owns {}", Describe(ino), in.blocks, cur));
     }
@@ -846,7 +868,7 @@ void Checker::FinalInodeChecks() {
       f.extents = std::move(ext);
     } else if (!in.rebuild && !in.reset) {
       const uint64_t planned = 1 + in.meta_blocks + in.data_blocks + (in.xattr_kept ? 1 : 0);
-      if (planned != in.blocks && !root_quirk) FixOf(ino).blocks = planned;
+      if (planned != in.blocks) FixOf(ino).blocks = planned;
     } else if (in.reset && !is_dir) {
       FixOf(ino).blocks = 1 + (in.xattr_kept ? 1 : 0);
     }
@@ -949,7 +971,7 @@ void Checker::CheckBitmaps() {
 void Checker::FillStats(FsckReport* r) const {
   r->inodes = r->directories = r->files = r->symlinks = r->other = 0;
   for (auto& [ino, in] : inodes_) {
-    if (!in.valid || in.freeing) continue;
+    if (!in.valid || in.freeing || in.free_inode) continue;
     r->inodes++;
     if (S_ISDIR(in.mode)) {
       r->directories++;

@@ -97,6 +97,7 @@ class Checker {
     bool lost_top = false;
     bool freeing = false;        // unlinked orphan: everything it owns goes back
     bool reset = false;          // bad data kind
+    bool free_inode = false;     // a freed inode (nlink 0, bit clear, on no orphan list)
     bool rewrite = false;        // extent tree to rebuild from the claims
     bool rebuild = false;        // directory to rebuild from its salvaged entries
     bool xattr_kept = false;
@@ -125,6 +126,8 @@ class Checker {
   bool InAg(uint64_t blk) const;
   bool IsAgMeta(uint64_t blk) const;
   bool ValidBlock(uint64_t blk) const { return InAg(blk) && !IsAgMeta(blk); }
+  // The block's bitmap bit: 1 set, 0 clear, -1 unknown (bitmap block unreadable).
+  int BitOf(uint64_t blk) const;
   // 0 claimed, 1 not a usable block, 2 already owned.
   int ClaimMeta(uint64_t blk, Own kind);
   void MaybeClear();
@@ -166,6 +169,7 @@ class Checker {
   size_t claims_applied_ = 0;
   std::deque<uint64_t> queue_;
   bool lost_walk_ = false;
+  uint64_t walk_root_ = 0;  // the unreachable directory whose subtree is being walked
 };
 
 }  // namespace agorafs::fsck_internal

@@ -551,7 +551,18 @@ Status Repairer::AttachLost(const std::vector<uint64_t>& lost, std::vector<std::
 
 Status Repairer::ApplyRound(const Checker& c, std::vector<std::string>* notes) {
   const Plan& p = c.plan();
-  if (p.root_bad) return WriteRoot();  // everything else is re-planned next round
+  if (p.root_bad) {
+    // Everything else is re-planned next round, against the new root.
+    const uint64_t r = sb_.root_ino;
+    const uint32_t ag = g_.AgOf(r);
+    if (ag >= g_.ag_count || r - g_.AgStart(ag) < 1 + uint64_t(g_.bitmap_blocks) ||
+        r - g_.AgStart(ag) >= g_.AgSize(ag)) {
+      return Err(Code::kCorruption, fmt::format("the superblock names block {} as the root inode, "
+                                                "which cannot hold one",
+                                                r));
+    }
+    return WriteRoot();
+  }
   AGFS_RETURN_IF_ERROR(DirectFixes(c));
   AGFS_RETURN_IF_ERROR(OpenStore());
   AGFS_RETURN_IF_ERROR(ClearOrphans(p));
@@ -674,7 +685,9 @@ std::string FsckReport::ToText() const {
   for (const auto& p : problems) {
     std::string where;
     if (p.ino != 0) where += fmt::format(" inode {}", p.ino);
-    if (p.block != 0 && p.block != p.ino) where += fmt::format(" block {}", p.block);
+    if ((p.block != 0 && p.block != p.ino) || p.kind == "bad-super") {
+      where += fmt::format(" block {}", p.block);
+    }
     s += fmt::format("{}{}: {}{}\n", p.kind, where, p.detail, p.repaired ? " [repaired]" : "");
     repaired += p.repaired;
   }

@@ -11,11 +11,17 @@
 // - directory tree: "." / ".." parents, no directory reachable twice, no cycles.
 // Refuses to run while a live node has the device mounted (its heartbeat moves).
 //
-// Repair (--repair): replays pending journals, then fixes through the journal
-// (MetaStore), so an interrupted repair is itself crash-safe: bitmaps and AG counts
-// rebuilt from what is owned, link counts corrected, entries pointing at damaged or
-// free inodes removed, unreachable inodes attached to /lost+found, damaged blocks
-// dropped from their owners. The report lists what was lost.
+// Repair (--repair): replays pending journals, rewrites in place the blocks that
+// cannot be read at all (superblock copies, slot heartbeats, orphan-list blocks, AG
+// headers and bitmaps, the root inode: the cache refuses to load them), then fixes
+// everything else through the journal (MetaStore): bitmaps and AG counts rebuilt
+// from what is owned, link counts, `blocks` and parents corrected, entries pointing
+// at damaged or free inodes removed, damaged directories rebuilt from the entries
+// that can still be read, damaged extent trees rebuilt from the extents that can,
+// blocks used twice or written past the end dropped from the later owner,
+// unfinished truncations and unlinked orphans finished, unreachable inodes attached
+// to /lost+found (created in the root, mode 0700) as "#<ino>". The report lists
+// what was lost.
 //
 // Exit codes follow fsck(8): 0 clean, 1 errors corrected, 4 errors left uncorrected,
 // 8 operational error (Result error).
@@ -24,7 +30,12 @@
 // bad-journal, bad-orphan-list, orphan, bad-root, bad-checksum, bad-inode, bad-size,
 // bad-inline, bad-xattr, bad-extent, bad-dir, bad-dirent-type, bad-flags,
 // dangling-entry, dir-hardlink, unreachable, nlink, blocks-count, bad-parent,
-// double-use, bitmap-leak, bitmap-missing, ag-count, bad-ag.
+// double-use, bitmap-leak, bitmap-missing, ag-count, bad-ag; repair-failed when a fix
+// could not be applied. For entry problems `ino` is the directory and `block` the
+// inode the entry names. Runs of bitmap bits are reported as one problem.
+// An inode with nlink 0 is free when its bitmap bit is clear and no orphan list
+// names it (entries naming it are stale); with its bit set it is in use and its link
+// count is what is wrong.
 //
 // Read-only check: nothing is written; journals that still hold committed
 // transactions are applied in memory (an overlay), so the check sees the filesystem
