@@ -140,7 +140,8 @@ Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlock(BlockType type
   uint64_t blk = a->start;
   s_->DropBufferLocked(blk);
   lock = ResolveLock(lock, blk);
-  auto b = std::make_unique<Buffer>();
+  auto b = std::make_unique<Buffer>(&s_->pool_);
+  if (!b->data.data()) return Err(Code::kNoMemory, "no memory for a metadata block");
   b->blk = blk;
   b->lock = lock;
   InitHeader(b->data.data(), type, blk, s_->uuid_);
@@ -223,7 +224,8 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
     }
     AGFS_RETURN_IF_ERROR(
         locks_->Acquire(lock, for_write ? LockMode::kExclusive : LockMode::kShared));
-    auto nb = std::make_unique<Buffer>();
+    auto nb = std::make_unique<Buffer>(&pool_);
+    if (!nb->data.data()) return Err(Code::kNoMemory, "no memory for a metadata block");
     nb->blk = blk;
     nb->lock = lock;
     AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, nb->data.data(), kBlockSize));
@@ -408,7 +410,7 @@ Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
 // Commit and checkpoint
 
 Status MetaStore::CommitInternal() {
-  std::vector<std::pair<uint64_t, std::shared_ptr<AlignedBuffer>>> copies;
+  std::vector<std::pair<uint64_t, std::shared_ptr<PoolBlock>>> copies;
   std::vector<std::pair<uint64_t, uint64_t>> freed;
   uint64_t seq;
   {
@@ -423,7 +425,11 @@ Status MetaStore::CommitInternal() {
         Buffer* b = cache_[blk].get();
         Header(b->data.data())->seq = seq;
         SealBlock(b->data.data());
-        auto copy = std::make_shared<AlignedBuffer>(kBlockSize);
+        auto copy = std::make_shared<PoolBlock>(&pool_);
+        if (!copy->data()) {
+          failed_ = Err(Code::kNoMemory, "no memory to commit; node stops writing");
+          return failed_;
+        }
         std::memcpy(copy->data(), b->data.data(), kBlockSize);
         copies.emplace_back(blk, std::move(copy));
         b->dirty = false;
@@ -474,7 +480,7 @@ Status MetaStore::CommitInternal() {
 
 Status MetaStore::CheckpointInternal() {
   if (committed_.empty()) return Status::Ok();
-  std::map<uint64_t, AlignedBuffer*> latest;
+  std::map<uint64_t, PoolBlock*> latest;
   for (auto& c : committed_) {
     for (auto& [blk, buf] : c.blocks) latest[blk] = buf.get();
   }

@@ -40,6 +40,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "cache/block_pool.h"
 #include "cache/meta_txn.h"
 #include "device/block_device.h"
 #include "format/format.h"
@@ -127,9 +128,10 @@ class MetaStore {
 
  private:
   struct Buffer {
+    explicit Buffer(BlockPool* pool) : data(pool) {}
     uint64_t blk = 0;
     LockId lock = 0;
-    AlignedBuffer data{kBlockSize};
+    PoolBlock data;
     bool dirty = false;           // changed in the running transaction
     uint64_t unhomed_seq = 0;     // newest committed seq not yet written home (0 = none)
     std::list<uint64_t>::iterator lru;
@@ -137,7 +139,7 @@ class MetaStore {
   };
   struct Committed {
     uint64_t seq;
-    std::vector<std::pair<uint64_t, std::shared_ptr<AlignedBuffer>>> blocks;
+    std::vector<std::pair<uint64_t, std::shared_ptr<PoolBlock>>> blocks;
     std::vector<std::pair<uint64_t, uint64_t>> freed;  // (start, count)
   };
 
@@ -164,6 +166,7 @@ class MetaStore {
   Journal* journal_;
   LockManager* locks_;
   StoreOptions opts_;
+  BlockPool pool_;  // before every Buffer and copy, destroyed after them
 
   std::mutex commit_mu_;  // serialises journal I/O; taken before mu_
   mutable std::mutex mu_;
