@@ -228,7 +228,11 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
     if (!nb->data.data()) return Err(Code::kNoMemory, "no memory for a metadata block");
     nb->blk = blk;
     nb->lock = lock;
-    AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, nb->data.data(), kBlockSize));
+    if (type == BlockType::kInode) {
+      AGFS_RETURN_IF_ERROR(ReadInodesAround(blk, nb->data.data()));
+    } else {
+      AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, nb->data.data(), kBlockSize));
+    }
     Status st = VerifyBlock(nb->data.data(), type, blk, uuid_);
     if (!st.ok()) {
       spdlog::error("{}", st.ToString());
@@ -244,6 +248,44 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
   Touch(b);
   if (for_write) MarkDirty(b);
   return b;
+}
+
+// Reads `blk` into `out` together with the blocks after it in one I/O, and caches
+// those that are valid inodes: inodes created together sit together, so a cold
+// `ls -l` or stat of many files costs one read per window instead of one per file.
+// A neighbour is cached only if it is not cached already, is not a freed block whose
+// newer copy may still be on its way home, fits the budget, and its lock is held.
+Status MetaStore::ReadInodesAround(uint64_t blk, uint8_t* out) {
+  constexpr uint64_t kWindow = 16;
+  uint64_t n = std::min<uint64_t>(kWindow, g_.total_blocks - 1 - blk);
+  if (n <= 1 || cache_.size() + n > opts_.cache_blocks) {
+    return dev_->Read(blk * kBlockSize, out, kBlockSize);
+  }
+  thread_local AlignedBuffer window(kWindow * kBlockSize);
+  AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, window.data(), n * kBlockSize));
+  std::memcpy(out, window.data(), kBlockSize);
+  for (uint64_t k = 1; k < n; k++) {
+    uint64_t b2 = blk + k;
+    uint64_t skip;
+    const uint8_t* src = window.data() + k * kBlockSize;
+    if (cache_.count(b2) || PendingFree(b2, &skip)) continue;
+    if (Header(src)->type != static_cast<uint16_t>(BlockType::kInode)) continue;
+    if (!VerifyBlock(src, BlockType::kInode, b2, uuid_).ok()) continue;
+    LockId lock2 = InodeLock(b2);
+    if (locks_->Held(lock2) == LockMode::kNone) continue;
+    auto nb = std::make_unique<Buffer>(&pool_);
+    if (!nb->data.data()) break;
+    nb->blk = b2;
+    nb->lock = lock2;
+    std::memcpy(nb->data.data(), src, kBlockSize);
+    lru_.push_back(b2);  // coldest: evicted first unless used
+    nb->lru = std::prev(lru_.end());
+    nb->in_lru = true;
+    cache_[b2] = std::move(nb);
+    by_lock_[lock2].insert(b2);
+    stats_.readahead_blocks++;
+  }
+  return Status::Ok();
 }
 
 // ------------------------------------------------------------------------------

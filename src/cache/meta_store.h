@@ -62,6 +62,7 @@ struct StoreStats {
   uint64_t cache_hits = 0;
   uint64_t cache_misses = 0;
   uint64_t cached_blocks = 0;
+  uint64_t readahead_blocks = 0;  // inode blocks cached by reading around a miss
 };
 
 class MetaStore {
@@ -145,6 +146,7 @@ class MetaStore {
 
   // All below require mu_ held.
   Result<Buffer*> GetLocked(uint64_t blk, BlockType type, LockId lock, bool for_write);
+  Status ReadInodesAround(uint64_t blk, uint8_t* out);
   void MarkDirty(Buffer* b);
   void Touch(Buffer* b);
   void EvictLocked();

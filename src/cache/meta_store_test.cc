@@ -152,5 +152,36 @@ TEST_F(MetaStoreTest, CorruptBlockIsRefusedAndNamed) {
   EXPECT_NE(r.status().message().find(std::to_string(a)), std::string::npos);
 }
 
+TEST_F(MetaStoreTest, ColdInodeReadCachesItsNeighboursOnly) {
+  std::vector<uint64_t> inos;
+  {
+    auto h = store_->Begin();
+    for (int i = 0; i < 10; i++) {
+      auto nb = h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), 0);
+      ASSERT_TRUE(nb.ok());
+      inos.push_back(nb->first);
+    }
+    // A freed neighbour must not come back through readahead.
+    ASSERT_TRUE(h->Free(inos[5], 1).ok());
+  }
+  ASSERT_TRUE(store_->Sync().ok());
+  Open(1024);  // cold cache
+  {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(inos[0], BlockType::kInode, InodeLock(inos[0])).ok());
+  }
+  StoreStats st = store_->stats();
+  EXPECT_EQ(st.cache_misses, 1u);
+  EXPECT_GE(st.readahead_blocks, 8u);
+  for (int i : {1, 2, 9}) {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(inos[i], BlockType::kInode, InodeLock(inos[i])).ok());
+  }
+  EXPECT_EQ(store_->stats().cache_misses, 1u);  // served by the readahead
+  auto h = store_->Begin(true);
+  EXPECT_FALSE(h->Read(inos[5], BlockType::kInode, InodeLock(inos[5])).ok() &&
+               store_->stats().cache_misses == 1u);
+}
+
 }  // namespace
 }  // namespace agorafs

@@ -302,27 +302,35 @@ void Filesystem::HeartbeatLoop() {
 
 std::shared_ptr<Filesystem::InodeState> Filesystem::State(uint64_t ino) {
   std::lock_guard<std::mutex> g(states_mu_);
-  auto& s = states_[ino];
-  if (!s) s = std::make_shared<InodeState>();
-  return s;
+  auto& w = states_[ino];
+  if (auto sp = w.lock()) return sp;
+  // The last user's release removes the entry, so the map holds only inodes in use.
+  std::shared_ptr<InodeState> sp(new InodeState, [this, ino](InodeState* p) {
+    {
+      std::lock_guard<std::mutex> lg(states_mu_);
+      auto it = states_.find(ino);
+      if (it != states_.end() && it->second.expired()) states_.erase(it);
+    }
+    delete p;
+  });
+  w = sp;
+  return sp;
 }
 
 void Filesystem::AddRef(uint64_t ino, uint64_t n) {
   std::lock_guard<std::mutex> g(states_mu_);
-  auto& s = states_[ino];
-  if (!s) s = std::make_shared<InodeState>();
-  s->lookups += n;
+  refs_[ino].lookups += n;
 }
 
 bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
   std::lock_guard<std::mutex> g(states_mu_);
-  auto it = states_.find(ino);
-  if (it == states_.end()) return true;
-  auto& s = it->second;
-  s->lookups -= std::min(s->lookups, lookups);
-  s->opens -= std::min(s->opens, opens);
-  if (s->lookups == 0 && s->opens == 0) {
-    states_.erase(it);
+  auto it = refs_.find(ino);
+  if (it == refs_.end()) return true;
+  Refs& r = it->second;
+  r.lookups -= std::min(r.lookups, lookups);
+  r.opens -= std::min(r.opens, opens);
+  if (r.lookups == 0 && r.opens == 0) {
+    refs_.erase(it);
     return true;
   }
   return false;
@@ -330,8 +338,7 @@ bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
 
 bool Filesystem::Referenced(uint64_t ino) {
   std::lock_guard<std::mutex> g(states_mu_);
-  auto it = states_.find(ino);
-  return it != states_.end() && (it->second->lookups > 0 || it->second->opens > 0);
+  return refs_.count(ino) != 0;
 }
 
 void Filesystem::Forget(uint64_t ino, uint64_t n) {
@@ -340,9 +347,7 @@ void Filesystem::Forget(uint64_t ino, uint64_t n) {
 
 Status Filesystem::Open(uint64_t ino, int, const Caller&) {
   std::lock_guard<std::mutex> g(states_mu_);
-  auto& s = states_[ino];
-  if (!s) s = std::make_shared<InodeState>();
-  s->opens++;
+  refs_[ino].opens++;
   return Status::Ok();
 }
 
@@ -434,7 +439,6 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   std::unique_lock<std::shared_mutex> io(st->io);
   Status s = FreeInode(info_.slot, ino);
   io.unlock();
-  DropRefs(ino, 0, 0);
   if (!s.ok()) spdlog::error("freeing orphan inode {}: {}", ino, s.ToString());
 }
 

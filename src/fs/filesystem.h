@@ -179,9 +179,14 @@ class Filesystem {
   Status RemoveXattr(const Caller& c, uint64_t ino, std::string_view name);
 
  private:
+  // Per-inode locks for data I/O; exists only while some operation uses it.
   struct InodeState {
     std::shared_mutex io;   // shared: read/write data; exclusive: truncate/punch
     std::mutex write_mu;    // serialises writers (appends, size updates)
+  };
+  // Kernel references (FUSE lookup counts and open files), one small entry per inode
+  // the kernel knows: it can hold hundreds of thousands.
+  struct Refs {
     uint64_t lookups = 0;
     uint64_t opens = 0;
   };
@@ -205,7 +210,8 @@ class Filesystem {
   MountOptions opts_;
 
   std::mutex states_mu_;
-  std::unordered_map<uint64_t, std::shared_ptr<InodeState>> states_;
+  std::unordered_map<uint64_t, Refs> refs_;                          // GUARDED_BY(states_mu_)
+  std::unordered_map<uint64_t, std::weak_ptr<InodeState>> states_;  // GUARDED_BY(states_mu_)
 
   // Node slot and heartbeat (filesystem.cc).
   std::vector<uint32_t> recovered_;  // crashed slots replayed at mount

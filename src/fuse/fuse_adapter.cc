@@ -519,7 +519,7 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
       RaiseReadahead(opts.mountpoint);
       fuse_loop_config* cfg = fuse_loop_cfg_create();
       fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
-      fuse_loop_cfg_set_idle_threads(cfg, 4);
+      fuse_loop_cfg_set_idle_threads(cfg, 2);
       rc = fuse_session_loop_mt(se, cfg);
       // libfuse reports the signal that ended the loop; SIGTERM/INT/HUP is a clean end.
       if (rc == SIGTERM || rc == SIGINT || rc == SIGHUP) rc = 0;

@@ -27,7 +27,7 @@ struct FuseOptions {
   bool foreground = true;          // the CLI daemonises before calling RunFuse
   double attr_timeout = 3600.0;
   double entry_timeout = 3600.0;
-  unsigned max_threads = 16;
+  unsigned max_threads = 8;        // each keeps a 1 MiB request buffer
   std::vector<std::string> extra;  // extra -o options passed to libfuse
   int ready_fd = -1;               // written "0\n" once mounted, then closed
   int detach_stderr_to = -1;       // once mounted, stderr is redirected to this fd
