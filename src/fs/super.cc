@@ -93,10 +93,7 @@ Result<Superblock> ReadSuperblock(BlockDevice* dev) {
     for (size_t k = 0; k < kBlockSize && all_zero; k++) all_zero = b.data()[k] == 0;
     Superblock sb;
     std::memcpy(&sb, b.data(), kBlockSize);
-    if (sb.hdr.magic != kMagic) {
-      if (i == 2 && any_magic == false) break;
-      continue;
-    }
+    if (sb.hdr.magic != kMagic) continue;
     any_magic = true;
     // The copy at the end of a larger filesystem is not at dev_blocks-1; copies
     // at 0 and 1 are the ones that matter for a grown or truncated device.
