@@ -56,11 +56,14 @@ Status CheckAccess(const Caller& c, const InodeBlock& I, std::string_view name, 
 
 }  // namespace
 
-Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name,
-                            std::string_view value, int flags) {
-  if (value.size() > kXattrBlockSpace) return Err(Code::kNoSpace, "xattr value too large");
-  auto h = store_->Begin(false, 8);
-  auto ir = WIno(*h, g_, ino);
+// Loads the xattrs of `ino` for a change to `name` (access checked), lets `edit`
+// change the list given the entry named `name` (or end()), then stores the list back
+// and updates ctime. Shared by set and remove.
+template <typename Edit>
+static Status EditXattrs(MetaStore* store, const Geometry& g, const Caller& c, uint64_t ino,
+                         std::string_view name, Edit edit) {
+  auto h = store->Begin(false, 8);
+  auto ir = WIno(*h, g, ino);
   if (!ir.ok()) return ir.status();
   InodeBlock* I = *ir;
   AGFS_RETURN_IF_ERROR(CheckAccess(c, *I, name, true));
@@ -68,16 +71,26 @@ Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name
   if (!lr.ok()) return lr.status();
   xattr::Entries list = std::move(lr).value();
   auto it = std::find_if(list.begin(), list.end(), [&](const auto& e) { return e.first == name; });
-  if (it != list.end()) {
-    if (flags & XATTR_CREATE) return Err(Code::kExists, "xattr exists");
-    it->second = std::string(value);
-  } else {
-    if (flags & XATTR_REPLACE) return Err(Code::kNoData, "no such xattr");
-    list.emplace_back(std::string(name), std::string(value));
-  }
+  AGFS_RETURN_IF_ERROR(edit(list, it));
   AGFS_RETURN_IF_ERROR(xattr::Store(*h, ino, I, list));
   I->ctime = NowTs();
   return Status::Ok();
+}
+
+Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name,
+                            std::string_view value, int flags) {
+  if (value.size() > kXattrBlockSpace) return Err(Code::kNoSpace, "xattr value too large");
+  return EditXattrs(store_.get(), g_, c, ino, name,
+                    [&](xattr::Entries& list, xattr::Entries::iterator it) -> Status {
+                      if (it != list.end()) {
+                        if (flags & XATTR_CREATE) return Err(Code::kExists, "xattr exists");
+                        it->second = std::string(value);
+                      } else {
+                        if (flags & XATTR_REPLACE) return Err(Code::kNoData, "no such xattr");
+                        list.emplace_back(std::string(name), std::string(value));
+                      }
+                      return Status::Ok();
+                    });
 }
 
 Result<std::string> Filesystem::GetXattr(const Caller& c, uint64_t ino, std::string_view name) {
@@ -111,20 +124,12 @@ Result<std::string> Filesystem::ListXattr(const Caller& c, uint64_t ino) {
 }
 
 Status Filesystem::RemoveXattr(const Caller& c, uint64_t ino, std::string_view name) {
-  auto h = store_->Begin(false, 8);
-  auto ir = WIno(*h, g_, ino);
-  if (!ir.ok()) return ir.status();
-  InodeBlock* I = *ir;
-  AGFS_RETURN_IF_ERROR(CheckAccess(c, *I, name, true));
-  auto lr = xattr::List(*h, ino, *I);
-  if (!lr.ok()) return lr.status();
-  xattr::Entries list = std::move(lr).value();
-  auto it = std::find_if(list.begin(), list.end(), [&](const auto& e) { return e.first == name; });
-  if (it == list.end()) return Err(Code::kNoData, "no such xattr");
-  list.erase(it);
-  AGFS_RETURN_IF_ERROR(xattr::Store(*h, ino, I, list));
-  I->ctime = NowTs();
-  return Status::Ok();
+  return EditXattrs(store_.get(), g_, c, ino, name,
+                    [&](xattr::Entries& list, xattr::Entries::iterator it) -> Status {
+                      if (it == list.end()) return Err(Code::kNoData, "no such xattr");
+                      list.erase(it);
+                      return Status::Ok();
+                    });
 }
 
 }  // namespace agorafs
