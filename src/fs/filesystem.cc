@@ -16,6 +16,7 @@
 #include "fs/fs_internal.h"
 #include "fs/inode.h"
 #include "fs/super.h"
+#include "util/clock.h"
 
 namespace agorafs {
 
@@ -256,9 +257,7 @@ Status Filesystem::ClaimSlot() {
   mine.slot = slot;
   mine.generation = info_.generation;
   mine.counter = 1;
-  struct timespec now;
-  clock_gettime(CLOCK_REALTIME, &now);
-  mine.mount_ns = uint64_t(now.tv_sec) * 1000000000ull + uint64_t(now.tv_nsec);
+  mine.mount_ns = RealtimeNs();
   auto host = HostName(opts_);
   std::strncpy(mine.host, host->c_str(), sizeof(mine.host) - 1);
   mine.state = kSlotMounted;  // the heartbeat rewrites the block from this copy

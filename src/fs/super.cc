@@ -9,6 +9,7 @@
 #include "dir/dir.h"
 #include "fs/inode.h"
 #include "journal/journal.h"
+#include "util/clock.h"
 
 namespace agorafs {
 
@@ -164,7 +165,7 @@ Result<Superblock> Mkfs(BlockDevice* dev, const MkfsOptions& opts) {
   sb.total_blocks = g->total_blocks;
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);
-  sb.created_ns = uint64_t(now.tv_sec) * 1000000000ull + uint64_t(now.tv_nsec);
+  sb.created_ns = RealtimeNs();
   std::strncpy(sb.label, opts.label.c_str(), sizeof(sb.label) - 1);
   sb.node_slots = g->node_slots;
   sb.slot_blocks = g->slot_blocks;

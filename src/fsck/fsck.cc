@@ -1,6 +1,7 @@
 // fsck driver: superblock copies, node slots and journals; the repair rounds; the
 // report. The per-object checks are in checker.cc.
 #include "fsck/fsck.h"
+#include "util/clock.h"
 
 #include <dirent.h>
 #include <fmt/format.h>
@@ -100,9 +101,7 @@ Status WriteSlot(BlockDevice* dev, const Geometry& g, const Uuid& uuid, uint32_t
   if (state == kSlotMounted) {
     sb.generation++;
     sb.counter = 1;
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    sb.mount_ns = uint64_t(now.tv_sec) * 1000000000ull + uint64_t(now.tv_nsec);
+    sb.mount_ns = RealtimeNs();
     std::memset(sb.host, 0, sizeof(sb.host));
     std::strncpy(sb.host, host.c_str(), sizeof(sb.host) - 1);
   }

@@ -1,5 +1,6 @@
 // Journal: format, open, commit and checkpoint. Replay is in journal_replay.cc.
 #include "journal/journal.h"
+#include "util/clock.h"
 
 #include <time.h>
 
@@ -41,11 +42,6 @@ void FillHeader(uint8_t* b, const Uuid& uuid, uint64_t blocknr, uint64_t update,
   SealBlock(b);
 }
 
-uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
-}
 
 }  // namespace
 
@@ -221,7 +217,7 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   c->desc_count = descs;
   c->data_count = uint32_t(blocks.size());
   c->body_hash = hash.Digest();
-  c->commit_ns = NowNs();
+  c->commit_ns = RealtimeNs();
   SealBlock(commit.data());
 
   Status s = WriteLog(head_pos_, buf.data(), body);
