@@ -184,6 +184,23 @@ static Status StickyCheck(const Caller& c, const InodeBlock& dirI, const InodeBl
   return Status::Ok();
 }
 
+// Under h: the directory `parent` and the inode its entry `name` names, both writable.
+struct Victim {
+  InodeBlock* dir;
+  uint64_t ino;
+  InodeBlock* inode;
+};
+static Result<Victim> OpenVictim(MetaTxn& h, const Geometry& g, uint64_t parent,
+                                 std::string_view name) {
+  auto pr = WDir(h, g, parent);
+  if (!pr.ok()) return pr.status();
+  auto e = dir::Lookup(h, parent, **pr, name);
+  if (!e.ok()) return e.status();
+  auto ir = WIno(h, g, e->ino);
+  if (!ir.ok()) return ir.status();
+  return Victim{*pr, e->ino, *ir};
+}
+
 Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view name) {
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kIsDir, "cannot unlink . or ..");
@@ -191,15 +208,11 @@ Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view nam
   bool orphaned = false;
   {
     auto h = store_->Begin(false, 32);
-    auto pr = WDir(*h, g_, parent);
-    if (!pr.ok()) return pr.status();
-    InodeBlock* P = *pr;
-    auto e = dir::Lookup(*h, parent, *P, name);
-    if (!e.ok()) return e.status();
-    ino = e->ino;
-    auto ir = WIno(*h, g_, ino);
-    if (!ir.ok()) return ir.status();
-    InodeBlock* I = *ir;
+    auto v = OpenVictim(*h, g_, parent, name);
+    if (!v.ok()) return v.status();
+    InodeBlock* P = v->dir;
+    InodeBlock* I = v->inode;
+    ino = v->ino;
     if (IsDir(*I)) return Err(Code::kIsDir, "is a directory");
     AGFS_RETURN_IF_ERROR(StickyCheck(c, *P, *I));
     if (I->nlink == 1) AGFS_RETURN_IF_ERROR(AddOrphan(*h, ino));
@@ -224,15 +237,11 @@ Status Filesystem::Rmdir(const Caller& c, uint64_t parent, std::string_view name
   uint64_t ino;
   {
     auto h = store_->Begin(false, 64);
-    auto pr = WDir(*h, g_, parent);
-    if (!pr.ok()) return pr.status();
-    InodeBlock* P = *pr;
-    auto e = dir::Lookup(*h, parent, *P, name);
-    if (!e.ok()) return e.status();
-    ino = e->ino;
-    auto ir = WIno(*h, g_, ino);
-    if (!ir.ok()) return ir.status();
-    InodeBlock* I = *ir;
+    auto v = OpenVictim(*h, g_, parent, name);
+    if (!v.ok()) return v.status();
+    InodeBlock* P = v->dir;
+    InodeBlock* I = v->inode;
+    ino = v->ino;
     if (!IsDir(*I)) return Err(Code::kNotDir, "not a directory");
     if (ino == sb_.root_ino) return Err(Code::kBusy, "cannot remove the root");
     AGFS_RETURN_IF_ERROR(StickyCheck(c, *P, *I));
