@@ -24,6 +24,11 @@ const char* BlockTypeName(BlockType t) {
     case BlockType::kDirLeaf: return "directory leaf";
     case BlockType::kXattr: return "xattr";
     case BlockType::kOrphan: return "orphan list";
+    case BlockType::kMailHeader: return "mail header";
+    case BlockType::kPaxos: return "paxos";
+    case BlockType::kAckTable: return "ack table";
+    case BlockType::kLockSnapshot: return "lock snapshot";
+    case BlockType::kRing: return "message ring";
   }
   return "unknown";
 }

@@ -54,6 +54,11 @@ enum class BlockType : uint16_t {
   kDirLeaf = 11,
   kXattr = 12,
   kOrphan = 13,
+  kMailHeader = 14,    // cluster: a node's message-ring positions and counts
+  kPaxos = 15,         // cluster: a node's Disk Paxos block (two copies)
+  kAckTable = 16,      // cluster: the lock master's consumption positions
+  kLockSnapshot = 17,  // cluster: the lock master's published lock table
+  kRing = 18,          // cluster: one block of a node's outgoing message ring
 };
 const char* BlockTypeName(BlockType t);
 
@@ -125,18 +130,44 @@ struct __attribute__((packed)) Superblock {
 static_assert(sizeof(Superblock) == kBlockSize);
 
 // ---------------------------------------------------------------------------------
-// Node slot region. Block 0 of a slot: heartbeat. Block 1: mailbox (cluster layer).
-// Blocks 2..3: the slot's orphan list. The rest is reserved for the cluster layer.
-inline constexpr uint32_t kSlotHeartbeat = 0;
-inline constexpr uint32_t kSlotMailbox = 1;
-inline constexpr uint32_t kSlotOrphan = 2;
+// Node slot region. Each slot owns kDefaultSlotBlocks blocks; every one of them is
+// written only by the node that owns the slot (single-writer), except that the lock
+// master of the current epoch rewrites a dead slot's heartbeat block to kSlotFree
+// after recovering it. docs/DESIGN.md "Cluster layer" explains the protocol.
+inline constexpr uint32_t kSlotHeartbeat = 0;  // SlotBlock
+inline constexpr uint32_t kSlotMailbox = 1;    // MailHeader
+inline constexpr uint32_t kSlotOrphan = 2;     // OrphanBlock x2 (journaled)
 inline constexpr uint32_t kSlotOrphanBlocks = 2;
+inline constexpr uint32_t kSlotPaxos = 4;      // PaxosBlock copy A; copy B at +1
+inline constexpr uint32_t kSlotAcks = 6;       // AckTableBlock x kSlotAckBlocks
+inline constexpr uint32_t kSlotAckBlocks = 5;
+inline constexpr uint32_t kSlotSnapshot = 11;  // LockSnapshotBlock x kSlotSnapshotBlocks
+inline constexpr uint32_t kSlotSnapshotBlocks = 8;
+inline constexpr uint32_t kSlotRing = 19;      // RingBlock x (slot_blocks - kSlotRing)
 inline constexpr uint32_t kDefaultSlotBlocks = 64;
+inline constexpr uint32_t kSlotRingBlocks = kDefaultSlotBlocks - kSlotRing;
 
 enum SlotState : uint32_t {
-  kSlotFree = 0,     // never used, or cleanly released
+  kSlotFree = 0,     // never used, cleanly released, or recovered by the lock master
   kSlotMounted = 1,  // a node owns it; its journal may hold unreplayed transactions
 };
+
+// A lock master's verdict on a silent node (slot, generation), kept in the master's
+// own heartbeat block. It is the fence handshake: the master writes the verdict and
+// then re-reads the victim's heartbeat; a node whose lease ran out reads all verdicts
+// before and after its one heartbeat write. At least one of the two sees the other.
+enum VerdictState : uint32_t {
+  kVerdictNone = 0,
+  kVerdictRecovering = 1,  // declared dead; recovery (journal replay) running
+  kVerdictRecovered = 2,   // recovery done; its locks are free; the slot is free
+};
+struct __attribute__((packed)) Verdict {
+  uint32_t slot;
+  uint32_t state;       // VerdictState
+  uint64_t generation;  // the generation declared dead
+};
+static_assert(sizeof(Verdict) == 16);
+inline constexpr size_t kMaxVerdicts = 241;
 
 struct __attribute__((packed)) SlotBlock {
   BlockHeader hdr;
@@ -147,9 +178,127 @@ struct __attribute__((packed)) SlotBlock {
   uint64_t mount_ns;     // CLOCK_REALTIME at mount, informational
   char host[64];         // NUL-padded host name
   char address[64];      // optional network address "ip:port", NUL-padded
-  uint8_t reserved[kPayload - 8 - 8 * 3 - 64 - 64];
+  uint64_t nonce;        // random per join attempt: tells two racing joiners apart
+  uint64_t epoch;        // lock-master epoch this node has adopted (informational)
+  uint32_t verdict_count;
+  uint32_t pad;
+  Verdict verdicts[kMaxVerdicts];
+  uint8_t reserved[kPayload - 8 - 8 * 3 - 64 - 64 - 8 * 2 - 8 - 16 * kMaxVerdicts];
 };
 static_assert(sizeof(SlotBlock) == kBlockSize);
+
+// Block 1: where the owner has got to in the lock master's ring, and its lock counts
+// (for `agorafs status`). Written lazily by the owner.
+struct __attribute__((packed)) MailHeader {
+  BlockHeader hdr;
+  uint64_t generation;       // owner's generation
+  uint64_t epoch;            // epoch the positions below belong to
+  uint32_t master_slot;      // master of that epoch
+  uint32_t pad;
+  uint64_t master_gen;
+  uint64_t master_consumed;  // every master ring message with seq < this was read
+  uint64_t held;             // locks held, informational
+  uint64_t waiting;          // locks waited for, informational
+  uint8_t reserved[kPayload - 8 * 2 - 8 - 8 * 4];
+};
+static_assert(sizeof(MailHeader) == kBlockSize);
+
+// Blocks 4 and 5: the owner's Disk Paxos block for electing the lock master, written
+// as copy A, then copy B. A reader takes A if it verifies, else B, else "initial".
+// A value is a (slot, generation) pair; slot kNoSlot means none.
+inline constexpr uint32_t kNoSlot = 0xffffffffu;
+struct __attribute__((packed)) PaxosBlock {
+  BlockHeader hdr;
+  uint64_t generation;     // owner's generation when written
+  uint64_t instance;       // epoch this ballot state is for
+  uint64_t mbal;           // highest ballot the owner started (0 = none)
+  uint64_t bal;            // ballot of the accepted value (0 = none)
+  uint32_t inp_slot;       // accepted value
+  uint32_t pad0;
+  uint64_t inp_gen;
+  uint64_t decided_epoch;  // newest decision the owner knows (0 = none)
+  uint32_t decided_slot;
+  uint32_t pad1;
+  uint64_t decided_gen;
+  uint8_t reserved[kPayload - 8 * 4 - 8 - 8 - 8 - 8 - 8];
+};
+static_assert(sizeof(PaxosBlock) == kBlockSize);
+
+// Blocks 6..10, written by the lock master: for each slot, how far it has read that
+// slot's ring (all seq < `consumed` read) in this epoch.
+struct __attribute__((packed)) AckEntry {
+  uint64_t generation;  // generation of the ring's owner the position belongs to
+  uint64_t consumed;
+};
+inline constexpr size_t kAcksPerBlock = 252;
+struct __attribute__((packed)) AckTableBlock {
+  BlockHeader hdr;
+  uint64_t epoch;
+  uint64_t master_gen;
+  AckEntry acks[kAcksPerBlock];
+  uint8_t reserved[kPayload - 16 - 16 * kAcksPerBlock];
+};
+static_assert(sizeof(AckTableBlock) == kBlockSize);
+static_assert(kSlotAckBlocks * kAcksPerBlock >= kMaxNodeSlots);
+
+// Blocks 11..18, written by the lock master about once per heartbeat while its table
+// changes: who holds and who waits for which lock (waiters and contended locks first).
+enum SnapshotWhat : uint8_t { kSnapHeld = 1, kSnapWaiting = 2, kSnapRevoking = 3 };
+struct __attribute__((packed)) SnapshotEntry {
+  uint64_t lock;
+  uint16_t slot;
+  uint8_t mode;  // LockMode
+  uint8_t what;  // SnapshotWhat
+  uint32_t age_ms;  // since granted / since requested
+};
+static_assert(sizeof(SnapshotEntry) == 16);
+inline constexpr size_t kSnapshotPerBlock = 251;
+struct __attribute__((packed)) LockSnapshotBlock {
+  BlockHeader hdr;
+  uint64_t epoch;
+  uint32_t index;   // 0..kSlotSnapshotBlocks-1
+  uint32_t count;   // entries used in this block
+  uint64_t total;   // entries in the whole table (may exceed what fits)
+  SnapshotEntry entries[kSnapshotPerBlock];
+  uint8_t reserved[kPayload - 24 - 16 * kSnapshotPerBlock];
+};
+static_assert(sizeof(LockSnapshotBlock) == kBlockSize);
+
+// Blocks 19..63: the owner's outgoing message ring. Message seq s lives in ring block
+// (s / kMsgsPerRingBlock) % kSlotRingBlocks at index s % kMsgsPerRingBlock; the block
+// is rewritten whole as messages are appended. Sequence numbers start at 1 for each
+// generation and never repeat within it.
+enum MsgOp : uint8_t {
+  kMsgRequest = 1,      // node -> master: want `lock` in `mode`
+  kMsgRelease = 2,      // node -> master: now hold `lock` only in `mode` (kNone = none)
+  kMsgReclaim = 3,      // node -> new master: I hold `lock` in `mode`
+  kMsgReclaimDone = 4,  // node -> new master: all my holdings are sent
+  kMsgGrant = 5,        // master -> node: you hold `lock` in `mode`
+  kMsgRevoke = 6,       // master -> node: go down to `mode` on `lock`
+  kMsgCancel = 7,       // node -> master: no longer wants `lock`
+};
+struct __attribute__((packed)) Msg {
+  uint64_t seq;
+  uint64_t epoch;
+  uint64_t lock;
+  uint16_t dest;  // destination slot
+  uint8_t op;     // MsgOp
+  uint8_t mode;   // LockMode
+  uint32_t arg;   // op-specific (request ticket low bits)
+};
+static_assert(sizeof(Msg) == 32);
+inline constexpr size_t kMsgsPerRingBlock = 125;
+struct __attribute__((packed)) RingBlock {
+  BlockHeader hdr;
+  uint64_t generation;  // writer's generation
+  uint64_t first_seq;   // seq of msgs[0]; a multiple of kMsgsPerRingBlock
+  uint32_t count;       // messages used
+  uint32_t pad;
+  uint64_t reserved0;
+  Msg msgs[kMsgsPerRingBlock];
+  uint8_t reserved[kPayload - 32 - 32 * kMsgsPerRingBlock];
+};
+static_assert(sizeof(RingBlock) == kBlockSize);
 
 // Orphan list block: inodes unlinked while open, or being truncated. Owned by its slot.
 inline constexpr size_t kOrphansPerBlock = (kPayload - 8) / 8;

@@ -1,0 +1,5 @@
+foreach(t membership paxos net_channel lock_service)
+  if(EXISTS ${CMAKE_CURRENT_LIST_DIR}/${t}_test.cc)
+    agorafs_add_test(${t}_test ${CMAKE_CURRENT_LIST_DIR}/${t}_test.cc)
+  endif()
+endforeach()
