@@ -14,6 +14,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "cluster/status.h"
 #include "device/block_device.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
@@ -54,7 +55,7 @@ int RunMkfs(const MkfsArgs& a) {
     oo.create = true;
     oo.create_size = bytes / kBlockSize * kBlockSize;
   }
-  auto dev = OpenFileDevice(a.device, oo);
+  auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
     Fail(dev.status().message());
     return 1;
@@ -62,6 +63,23 @@ int RunMkfs(const MkfsArgs& a) {
   MkfsOptions mo;
   mo.params.node_slots = a.nodes;
   mo.params.profile = a.profile == "fast" ? kProfileFast : kProfileDefault;
+  mo.params.heartbeat_interval_ms = a.heartbeat_ms;
+  mo.params.io_timeout_ms = a.io_timeout_ms;
+  mo.params.dead_after_ms = a.dead_after_ms;
+  {
+    // The lease arithmetic (docs/DESIGN.md) needs room between the beats and the
+    // dead verdict; refuse values that would make nodes fence each other.
+    uint32_t hb = a.heartbeat_ms ? a.heartbeat_ms : (a.profile == "fast" ? 500 : 2000);
+    uint32_t io = a.io_timeout_ms ? a.io_timeout_ms : (a.profile == "fast" ? 2000 : 10000);
+    uint32_t dead = a.dead_after_ms ? a.dead_after_ms : (a.profile == "fast" ? 8000 : 60000);
+    if (hb < 10 || dead < 4 * hb || dead < io + 2 * hb) {
+      Fail(fmt::format("timings refused: heartbeat {} ms, I/O timeout {} ms, dead after {} ms; "
+                       "need heartbeat >= 10 ms, dead-after >= 4 x heartbeat and >= I/O timeout "
+                       "+ 2 x heartbeat",
+                       hb, io, dead));
+      return 2;
+    }
+  }
   if (!a.journal_size.empty()) {
     uint64_t bytes;
     if (!ParseSize(a.journal_size, &bytes) || bytes / kBlockSize > UINT32_MAX) {
@@ -129,6 +147,33 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
   return true;
 }
 
+int RunStatus(const StatusArgs& a) {
+  OpenOptions oo;
+  oo.read_only = true;
+  auto dev = OpenDevice(a.device, oo);
+  if (!dev.ok()) {
+    Fail(dev.status().message());
+    return 1;
+  }
+  uint32_t sample = a.sample_ms;
+  if (sample == 0) {
+    auto sb = ReadSuperblock(dev->get());
+    if (!sb.ok()) {
+      Fail(sb.status().ToString());
+      return 1;
+    }
+    // One heartbeat interval and a bit: every live node beats at least once.
+    sample = std::min<uint32_t>(sb->heartbeat_interval_ms + 300, 5000);
+  }
+  auto st = ReadClusterStatus(dev->get(), sample);
+  if (!st.ok()) {
+    Fail(st.status().ToString());
+    return 1;
+  }
+  std::fputs((a.json ? StatusJson(*st) + "\n" : StatusText(*st)).c_str(), stdout);
+  return 0;
+}
+
 int RunMount(const MountArgs& a) {
   // Bound the daemon's memory to its caches: fixed mmap threshold (no dynamic growth
   // that keeps freed multi-MiB buffers in the heap) and few malloc arenas.
@@ -173,7 +218,7 @@ int RunMount(const MountArgs& a) {
     setsid();
   }
   OpenOptions oo;
-  auto dev = OpenFileDevice(a.device, oo);
+  auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
     Fail(dev.status().message());
     return 1;
@@ -223,7 +268,7 @@ static std::string JsonStr(const std::string& s) {
 int RunInfo(const InfoArgs& a) {
   OpenOptions oo;
   oo.read_only = true;
-  auto dev = OpenFileDevice(a.device, oo);
+  auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
     Fail(dev.status().message());
     return 1;
@@ -319,7 +364,7 @@ int RunInfo(const InfoArgs& a) {
 int RunFsck(const FsckArgs& a) {
   OpenOptions oo;
   oo.read_only = !a.repair;
-  auto dev = OpenFileDevice(a.device, oo);
+  auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
     Fail(dev.status().message());
     return 8;

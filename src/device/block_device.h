@@ -14,7 +14,8 @@
 //   to overlapping ranges from different threads have no defined order.
 // - Implementations: FileDevice (file or block device, O_DIRECT), MemDevice (RAM,
 //   tracks unflushed writes), FaultDevice (wraps another, fails chosen I/Os, and can
-//   drop everything not yet flushed to simulate a power cut).
+//   drop everything not yet flushed to simulate a power cut), NbdDevice (an NBD export
+//   through libnbd; see nbd_device.h).
 #pragma once
 
 #include <cstddef>
@@ -108,5 +109,11 @@ struct OpenOptions {
 // checked here; mkfs checks sizes).
 Result<std::unique_ptr<BlockDevice>> OpenFileDevice(const std::string& path,
                                                     const OpenOptions& opts);
+
+// Opens whatever `spec` names: an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://)
+// through OpenNbdDevice with default NbdOptions, anything else through OpenFileDevice.
+// Defined in nbd_device.cc.
+Result<std::unique_ptr<BlockDevice>> OpenDevice(const std::string& spec,
+                                                const OpenOptions& opts);
 
 }  // namespace agorafs
