@@ -122,6 +122,8 @@ class Membership {
 
   // Publishes the epoch this node has adopted (informational, next heartbeat).
   void SetEpoch(uint64_t epoch);
+  // Publishes the network channel's address (next heartbeat).
+  void SetAddress(const std::string& address);
   // Wakes the observer for an immediate scan (e.g. after a network hint).
   void Poke();
 

@@ -32,6 +32,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <optional>
+#include <vector>
 
 #include "device/block_device.h"
 #include "format/format.h"
@@ -67,22 +70,62 @@ class DiskPaxos {
   Result<MasterRecord> Propose(uint64_t epoch, MasterRecord value,
                                const std::function<bool()>& keep_going);
   Result<PaxosView> ReadDecided();
-  Stats stats() const { return stats_; }
+  Stats stats() const;
 
  private:
+  friend class DiskPaxosTestPeer;  // paxos_test.cc drives Propose one step at a time
+
   struct Block {
     uint64_t instance = 0, mbal = 0, bal = 0;
     MasterRecord inp, decided;
   };
+  // What one Step() ended with. kAborted: the ballot lost; the next Step() starts a
+  // new one (Propose backs off first).
+  enum class Outcome { kContinue, kDecided, kAborted, kStale };
+  // The next step of the Propose in progress. Every step but kStartBallot does I/O.
+  enum class Op { kIdle, kLoad, kStartBallot, kSync, kWriteA, kWriteB, kRead, kDone };
+  enum class Stage { kPhase1, kPhase2, kCommit };
+
   Result<Block> ReadBlock(uint32_t slot);
-  Status WriteOwn(const Block& b);
+  Status LoadOwn();
+  Status SyncCopies();                // copy A over B when they may differ
+  Status WriteOwnCopy(uint32_t copy); // own_ to copy 0 (A) or 1 (B), then Flush
+  void Begin(uint64_t epoch, const MasterRecord& value);
+  Result<Outcome> Step();
+  Outcome StartBallot();
+  Result<Outcome> ReadStep();
+  // Read-only look at the other blocks while backing off after a lost ballot: a
+  // decision or a newer instance ends the wait; `fp` (the instance-e ballot state of
+  // every block) tells whether somebody is still making progress.
+  struct Snapshot {
+    std::vector<uint64_t> fp;
+    std::optional<MasterRecord> decided;
+    uint64_t newer_instance = 0;
+  };
+  Result<Snapshot> Scan();
+  void CountIo(bool write);
 
   BlockDevice* dev_;
   Geometry g_;
   Uuid uuid_;
   uint32_t slot_;
   uint64_t gen_;
-  Block own_;
+  Block own_;             // our block as last written (or being written)
+  bool loaded_ = false;   // own_ holds what the disk has
+  bool synced_ = false;   // copies A and B of our block are known to be equal
+  uint64_t round_ = 0;    // our ballots are round_ * kMaxNodeSlots + slot_ + 1
+  uint64_t max_seen_ = 0; // highest mbal seen in any block
+  // The Propose in progress.
+  uint64_t epoch_ = 0;
+  MasterRecord value_;
+  Op op_ = Op::kIdle;
+  Stage stage_ = Stage::kPhase1;
+  uint32_t read_slot_ = 0;
+  uint64_t best_bal_ = 0;
+  MasterRecord best_inp_;
+  uint64_t stale_instance_ = 0;
+  uint64_t rng_state_ = 0;  // backoff jitter
+  mutable std::mutex stats_mu_;
   Stats stats_;
 };
 

@@ -37,6 +37,8 @@ inline int ToErrno(const Status& s) {
     case Code::kAgain: return EAGAIN;
     case Code::kBadHandle: return EBADF;
     case Code::kNoAddress: return ENXIO;
+    case Code::kStale: return EIO;
+    case Code::kAborted: return EIO;
   }
   return EIO;
 }

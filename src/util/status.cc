@@ -32,6 +32,8 @@ const char* CodeName(Code c) {
     case Code::kAgain: return "Again";
     case Code::kBadHandle: return "BadHandle";
     case Code::kNoAddress: return "NoAddress";
+    case Code::kStale: return "Stale";
+    case Code::kAborted: return "Aborted";
   }
   return "Unknown";
 }

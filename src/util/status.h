@@ -46,6 +46,8 @@ enum class Code : int {
   kAgain,         // EAGAIN
   kBadHandle,     // EBADF
   kNoAddress,     // ENXIO (lseek past the end for SEEK_DATA/SEEK_HOLE)
+  kStale,         // EIO: an agreement instance this node worked on is already decided
+  kAborted,       // EIO: the service is stopping
 };
 
 const char* CodeName(Code c);
