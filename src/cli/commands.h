@@ -9,6 +9,7 @@ namespace agorafs {
 struct MkfsArgs {
   std::string device, label, profile = "default", journal_size, size;
   uint32_t nodes = 16;
+  uint32_t heartbeat_ms = 0, io_timeout_ms = 0, dead_after_ms = 0;  // 0 = from profile
   bool force = false;
 };
 struct MountArgs {
@@ -30,6 +31,12 @@ int RunMount(const MountArgs& a);
 int RunInfo(const InfoArgs& a);
 // fsck exit codes: 0 clean, 1 errors corrected, 4 errors left uncorrected, 8 operational error.
 int RunFsck(const FsckArgs& a);
+struct StatusArgs {
+  std::string device;
+  bool json = false;
+  uint32_t sample_ms = 0;  // 0 = one heartbeat interval + 300 ms
+};
+int RunStatus(const StatusArgs& a);
 
 // "16M" / "1G" / "4096" -> bytes; false when malformed.
 bool ParseSize(const std::string& s, uint64_t* out);

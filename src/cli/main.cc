@@ -1,4 +1,4 @@
-// agorafs command line: mkfs, mount, info, fsck. Thin: every verb calls libagorafs.
+// agorafs command line: mkfs, mount, info, fsck, status. Thin: every verb calls libagorafs.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -31,6 +31,10 @@ int main(int argc, char** argv) {
       ->default_val("default");
   mkfs->add_option("--size", mk.size, "Create the image file with this size (e.g. 1G)")
       ->default_val("");
+  mkfs->add_option("--heartbeat-ms", mk.heartbeat_ms, "Override the profile's heartbeat interval");
+  mkfs->add_option("--io-timeout-ms", mk.io_timeout_ms, "Override the profile's I/O timeout");
+  mkfs->add_option("--dead-after-ms", mk.dead_after_ms,
+                   "Override after how long a silent node is declared dead");
   mkfs->add_flag("--force", mk.force, "Overwrite an existing filesystem");
   mkfs->add_option("DEVICE", mk.device, "Block device or image file")->required();
 
@@ -52,10 +56,18 @@ int main(int argc, char** argv) {
   fsck->add_flag("--json", fk.json, "Machine-readable report");
   fsck->add_option("DEVICE", fk.device, "Block device or image file")->required();
 
+  StatusArgs sa;
+  auto* status = app.add_subcommand(
+      "status", "Show the cluster: nodes, heartbeats, lock master, who holds and waits for what");
+  status->add_flag("--json", sa.json, "Machine-readable output");
+  status->add_option("--sample-ms", sa.sample_ms, "How long to watch heartbeats (default: one interval)");
+  status->add_option("DEVICE", sa.device, "Block device, image file or nbd URI")->required();
+
   CLI11_PARSE(app, argc, argv);
   if (mkfs->parsed()) return RunMkfs(mk);
   if (mount->parsed()) return RunMount(mo);
   if (info->parsed()) return RunInfo(in);
   if (fsck->parsed()) return RunFsck(fk);
+  if (status->parsed()) return RunStatus(sa);
   return 2;
 }

@@ -29,6 +29,7 @@ const char* BlockTypeName(BlockType t) {
     case BlockType::kAckTable: return "ack table";
     case BlockType::kLockSnapshot: return "lock snapshot";
     case BlockType::kRing: return "message ring";
+    case BlockType::kPeerView: return "peer view";
   }
   return "unknown";
 }

@@ -59,6 +59,7 @@ enum class BlockType : uint16_t {
   kAckTable = 16,      // cluster: the lock master's consumption positions
   kLockSnapshot = 17,  // cluster: the lock master's published lock table
   kRing = 18,          // cluster: one block of a node's outgoing message ring
+  kPeerView = 19,      // cluster: the lock master's view of every slot
 };
 const char* BlockTypeName(BlockType t);
 
@@ -143,7 +144,8 @@ inline constexpr uint32_t kSlotAcks = 6;       // AckTableBlock x kSlotAckBlocks
 inline constexpr uint32_t kSlotAckBlocks = 5;
 inline constexpr uint32_t kSlotSnapshot = 11;  // LockSnapshotBlock x kSlotSnapshotBlocks
 inline constexpr uint32_t kSlotSnapshotBlocks = 8;
-inline constexpr uint32_t kSlotRing = 19;      // RingBlock x (slot_blocks - kSlotRing)
+inline constexpr uint32_t kSlotPeerView = 19;  // PeerViewBlock (lock master only)
+inline constexpr uint32_t kSlotRing = 20;      // RingBlock x (slot_blocks - kSlotRing)
 inline constexpr uint32_t kDefaultSlotBlocks = 64;
 inline constexpr uint32_t kSlotRingBlocks = kDefaultSlotBlocks - kSlotRing;
 
@@ -199,7 +201,8 @@ struct __attribute__((packed)) MailHeader {
   uint64_t master_consumed;  // every master ring message with seq < this was read
   uint64_t held;             // locks held, informational
   uint64_t waiting;          // locks waited for, informational
-  uint8_t reserved[kPayload - 8 * 2 - 8 - 8 * 4];
+  uint64_t ring_start;       // first seq of the owner's ring written in `epoch`
+  uint8_t reserved[kPayload - 8 * 2 - 8 - 8 * 5];
 };
 static_assert(sizeof(MailHeader) == kBlockSize);
 
@@ -264,7 +267,29 @@ struct __attribute__((packed)) LockSnapshotBlock {
 };
 static_assert(sizeof(LockSnapshotBlock) == kBlockSize);
 
-// Blocks 19..63: the owner's outgoing message ring. Message seq s lives in ring block
+// Block 19, written by the lock master every heartbeat: its observer's view of every
+// used slot, so `agorafs status` can show heartbeat ages and states without watching
+// for dead_after_ms itself.
+struct __attribute__((packed)) PeerViewEntry {
+  uint16_t slot;
+  uint8_t state;  // PeerState (cluster/membership.h)
+  uint8_t pad;
+  uint32_t heartbeat_age_ms;
+  uint64_t generation;
+};
+static_assert(sizeof(PeerViewEntry) == 16);
+inline constexpr size_t kPeerViewEntries = 252;
+struct __attribute__((packed)) PeerViewBlock {
+  BlockHeader hdr;
+  uint64_t epoch;
+  uint32_t count;
+  uint32_t pad;
+  PeerViewEntry entries[kPeerViewEntries];
+  uint8_t reserved[kPayload - 16 - 16 * kPeerViewEntries];
+};
+static_assert(sizeof(PeerViewBlock) == kBlockSize);
+
+// Blocks 20..63: the owner's outgoing message ring. Message seq s lives in ring block
 // (s / kMsgsPerRingBlock) % kSlotRingBlocks at index s % kMsgsPerRingBlock; the block
 // is rewritten whole as messages are appended. Sequence numbers start at 1 for each
 // generation and never repeat within it.

@@ -1,0 +1,362 @@
+// LockService tests: several nodes in one process share one MemDevice; each node has
+// its own Membership and LockService and its own FaultDevice in front of the shared
+// device, so a node can "crash" (all its I/O fails, its threads stop) while the others
+// go on. Timings are tiny so that dead-node detection takes about a second.
+#include "cluster/lock_service.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "device/fault_device.h"
+#include "device/mem_device.h"
+#include "fs/super.h"
+#include "util/clock.h"
+
+namespace agorafs {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr LockId kL1 = MakeLockId(LockKind::kInode, 1000);
+constexpr LockId kL2 = MakeLockId(LockKind::kInode, 1001);
+
+ClusterTimings TestTimings() {
+  ClusterTimings t;
+  t.heartbeat_ms = 20;
+  t.io_timeout_ms = 200;
+  t.dead_after_ms = 800;
+  t.poll_ms = 2;
+  return t;
+}
+
+struct Node {
+  std::unique_ptr<FaultDevice> dev;
+  std::unique_ptr<Membership> m;
+  std::unique_ptr<LockService> ls;
+  std::atomic<int> revokes{0};
+};
+
+class Cluster {
+ public:
+  Cluster() : mem_(std::make_shared<MemDevice>(uint64_t(96) << 20)) {
+    MkfsOptions mo;
+    mo.params.node_slots = 8;
+    auto sb = Mkfs(mem_.get(), mo);
+    EXPECT_TRUE(sb.ok()) << sb.status().ToString();
+    sb_ = *sb;
+    g_ = GeometryOf(sb_);
+  }
+  std::unique_ptr<Node> Start(LockService::Options lo = {}) {
+    auto n = std::make_unique<Node>();
+    n->dev = std::make_unique<FaultDevice>(mem_);
+    Membership::Options mo;
+    mo.host = "test";
+    mo.timings = TestTimings();
+    auto m = Membership::Join(n->dev.get(), sb_, mo);
+    EXPECT_TRUE(m.ok()) << m.status().ToString();
+    if (!m.ok()) return nullptr;
+    n->m = std::move(m).value();
+    lo.poll_ms = 2;
+    if (!lo.on_revoke) {
+      Node* np = n.get();
+      lo.on_revoke = [np](LockId, LockMode) {
+        np->revokes++;
+        return Status::Ok();
+      };
+    }
+    auto ls = LockService::Start(n->dev.get(), sb_, n->m.get(), lo);
+    EXPECT_TRUE(ls.ok()) << ls.status().ToString();
+    if (!ls.ok()) return nullptr;
+    n->ls = std::move(ls).value();
+    return n;
+  }
+  // The node's disk goes away and its threads stop without leaving: a crash.
+  static void Crash(std::unique_ptr<Node>& n) {
+    n->dev->SetGone(true);
+    n->ls.reset();
+    n->m.reset();
+    n.reset();
+  }
+  // A block in the data area nobody else uses, for counters.
+  uint64_t ScratchBlock(int i) const { return g_.total_blocks - 64 - uint64_t(i); }
+  BlockDevice* mem() { return mem_.get(); }
+  const Superblock& sb() const { return sb_; }
+
+ private:
+  std::shared_ptr<MemDevice> mem_;
+  Superblock sb_{};
+  Geometry g_;
+};
+
+uint64_t ReadCounter(BlockDevice* dev, uint64_t blk) {
+  AlignedBuffer b(kBlockSize);
+  EXPECT_TRUE(dev->Read(blk * kBlockSize, b.data(), kBlockSize).ok());
+  uint64_t v;
+  std::memcpy(&v, b.data(), 8);
+  return v;
+}
+Status WriteCounter(BlockDevice* dev, uint64_t blk, uint64_t v) {
+  AlignedBuffer b(kBlockSize);
+  std::memcpy(b.data(), &v, 8);
+  return dev->Write(blk * kBlockSize, b.data(), kBlockSize);
+}
+
+TEST(LockService, SingleNodeElectsItselfAndCaches) {
+  Cluster c;
+  auto a = c.Start();
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());
+  a->ls->Unpin(kL1);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kExclusive);
+  auto before = a->ls->stats();
+  EXPECT_TRUE(before.is_master);
+  EXPECT_EQ(before.master_slot, a->m->slot());
+  for (int i = 0; i < 1000; i++) {
+    ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kShared).ok());
+    a->ls->Unpin(kL1);
+  }
+  auto after = a->ls->stats();
+  EXPECT_EQ(after.cached_hits - before.cached_hits, 1000u);
+  EXPECT_EQ(after.requests_sent, before.requests_sent);
+}
+
+TEST(LockService, ExclusiveCounterIsExactAcrossNodes) {
+  Cluster c;
+  std::vector<std::unique_ptr<Node>> nodes;
+  for (int i = 0; i < 3; i++) nodes.push_back(c.Start());
+  const uint64_t blk = c.ScratchBlock(1);
+  const int kIters = 300;
+  std::vector<std::thread> ths;
+  std::atomic<int> errors{0};
+  for (auto& n : nodes) {
+    ths.emplace_back([&, np = n.get()] {
+      BlockDevice* dev = np->m->guarded_device();
+      for (int i = 0; i < kIters; i++) {
+        if (!np->ls->Lock(kL1, LockMode::kExclusive).ok()) {
+          errors++;
+          return;
+        }
+        uint64_t v = ReadCounter(dev, blk);
+        if (!WriteCounter(dev, blk, v + 1).ok()) errors++;
+        np->ls->Unpin(kL1);
+      }
+    });
+  }
+  for (auto& t : ths) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(ReadCounter(c.mem(), blk), uint64_t(3 * kIters));
+  int revokes = 0;
+  for (auto& n : nodes) revokes += n->revokes.load();
+  EXPECT_GT(revokes, 0);
+}
+
+TEST(LockService, SharedHoldersCoexistAndExclusiveWaits) {
+  Cluster c;
+  auto a = c.Start();
+  auto b = c.Start();
+  ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kShared).ok());
+  ASSERT_TRUE(b->ls->Lock(kL1, LockMode::kShared).ok());  // both pinned shared
+  std::atomic<bool> got{false};
+  std::thread t([&] {
+    // b wants exclusive on another lock meanwhile: unrelated locks do not wait.
+    ASSERT_TRUE(b->ls->Lock(kL2, LockMode::kExclusive).ok());
+    b->ls->Unpin(kL2);
+    got = true;
+  });
+  t.join();
+  EXPECT_TRUE(got);
+  std::atomic<bool> x{false};
+  std::thread t2([&] {
+    a->ls->Unpin(kL1);
+    // a upgrades: must wait until b unpins and releases.
+    ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());
+    x = true;
+    a->ls->Unpin(kL1);
+  });
+  std::this_thread::sleep_for(200ms);
+  EXPECT_FALSE(x.load()) << "exclusive granted while another node pins shared";
+  b->ls->Unpin(kL1);
+  t2.join();
+  EXPECT_TRUE(x);
+  EXPECT_EQ(b->ls->Held(kL1), LockMode::kNone);
+}
+
+TEST(LockService, RevokeWritesHomeBeforeTheNextHolderReads) {
+  Cluster c;
+  const uint64_t blk = c.ScratchBlock(2);
+  // Each node caches the counter while it holds the lock and writes it home only in
+  // the revoke callback, like the metadata cache does.
+  struct Cache {
+    std::mutex mu;
+    bool valid = false;
+    uint64_t value = 0;
+  };
+  Cache ca, cb;
+  Node* an = nullptr;
+  Node* bn = nullptr;
+  LockService::Options oa, ob;
+  oa.on_revoke = [&](LockId, LockMode) {
+    std::lock_guard<std::mutex> g(ca.mu);
+    if (ca.valid) {
+      EXPECT_TRUE(WriteCounter(an->m->guarded_device(), blk, ca.value).ok());
+      ca.valid = false;
+    }
+    return Status::Ok();
+  };
+  ob.on_revoke = [&](LockId, LockMode) {
+    std::lock_guard<std::mutex> g(cb.mu);
+    if (cb.valid) {
+      EXPECT_TRUE(WriteCounter(bn->m->guarded_device(), blk, cb.value).ok());
+      cb.valid = false;
+    }
+    return Status::Ok();
+  };
+  auto a = c.Start(oa);
+  auto b = c.Start(ob);
+  an = a.get();
+  bn = b.get();
+  auto bump = [&](Node* n, Cache* cache) {
+    ASSERT_TRUE(n->ls->Lock(kL1, LockMode::kExclusive).ok());
+    {
+      std::lock_guard<std::mutex> g(cache->mu);
+      if (!cache->valid) {
+        cache->value = ReadCounter(n->m->guarded_device(), blk);
+        cache->valid = true;
+      }
+      cache->value++;
+    }
+    n->ls->Unpin(kL1);
+  };
+  for (int i = 0; i < 50; i++) {
+    bump(an, &ca);
+    bump(an, &ca);
+    bump(bn, &cb);
+  }
+  // Pull the lock to a so b writes home, then read a's cache.
+  bump(an, &ca);
+  std::lock_guard<std::mutex> g(ca.mu);
+  EXPECT_EQ(ca.value, 151u);
+}
+
+TEST(LockService, DeadHoldersLocksFreedOnlyAfterRecovery) {
+  Cluster c;
+  std::atomic<int> recovered{0};
+  std::atomic<uint32_t> recovered_slot{kNoSlot};
+  LockService::Options o;
+  o.on_recover = [&](uint32_t slot, uint64_t) {
+    std::this_thread::sleep_for(50ms);  // a replay takes time
+    recovered_slot = slot;
+    recovered++;
+    return Status::Ok();
+  };
+  auto a = c.Start(o);  // first: the master
+  auto b = c.Start(o);
+  ASSERT_TRUE(b->ls->Lock(kL1, LockMode::kExclusive).ok());  // b holds it, pinned
+  uint32_t b_slot = b->m->slot();
+  std::atomic<bool> got{false};
+  std::thread t([&] {
+    EXPECT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());
+    // The grant must come after the recovery of b finished.
+    EXPECT_EQ(recovered.load(), 1);
+    got = true;
+    a->ls->Unpin(kL1);
+  });
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(got.load());
+  Cluster::Crash(b);
+  t.join();
+  EXPECT_TRUE(got);
+  EXPECT_EQ(recovered_slot.load(), b_slot);
+  EXPECT_EQ(a->ls->stats().recoveries, 1u);
+}
+
+TEST(LockService, MasterDiesNewMasterReclaimsAndGoesOn) {
+  Cluster c;
+  std::atomic<int> recovered{0};
+  LockService::Options o;
+  o.on_recover = [&](uint32_t, uint64_t) {
+    recovered++;
+    return Status::Ok();
+  };
+  auto m = c.Start(o);  // master
+  auto b = c.Start(o);
+  auto d = c.Start(o);
+  ASSERT_TRUE(b->ls->Lock(kL1, LockMode::kExclusive).ok());
+  b->ls->Unpin(kL1);
+  ASSERT_TRUE(m->ls->Lock(kL2, LockMode::kExclusive).ok());  // the master holds L2 pinned
+  uint64_t epoch1 = b->ls->stats().epoch;
+  Cluster::Crash(m);
+  // d wants L1 (held by b: must be revoked through the new master) and L2 (held by
+  // the dead master: free only after its recovery).
+  ASSERT_TRUE(d->ls->Lock(kL1, LockMode::kExclusive).ok());
+  d->ls->Unpin(kL1);
+  ASSERT_TRUE(d->ls->Lock(kL2, LockMode::kExclusive).ok());
+  d->ls->Unpin(kL2);
+  EXPECT_EQ(recovered.load(), 1);
+  EXPECT_GT(d->ls->stats().epoch, epoch1);
+  EXPECT_EQ(b->ls->Held(kL1), LockMode::kNone);
+  EXPECT_EQ(b->ls->master(), d->ls->master());
+}
+
+TEST(LockService, ExclusiveWaiterIsNotStarvedBySharedStream) {
+  Cluster c;
+  auto a = c.Start();
+  auto b = c.Start();
+  auto d = c.Start();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> readers;
+  for (Node* n : {a.get(), d.get()}) {
+    readers.emplace_back([&, n] {
+      while (!stop) {
+        if (!n->ls->Lock(kL1, LockMode::kShared).ok()) return;
+        std::this_thread::sleep_for(1ms);
+        n->ls->Unpin(kL1);
+      }
+    });
+  }
+  std::this_thread::sleep_for(100ms);
+  for (int i = 0; i < 5; i++) {
+    ASSERT_TRUE(b->ls->Lock(kL1, LockMode::kExclusive).ok());
+    b->ls->Unpin(kL1);
+  }
+  stop = true;
+  for (auto& t : readers) t.join();
+}
+
+TEST(LockService, FencedNodeFailsWaiters) {
+  Cluster c;
+  auto a = c.Start();
+  auto b = c.Start();
+  ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());  // pinned forever
+  std::atomic<int> result{-1};
+  std::thread t([&] {
+    Status st = b->ls->Lock(kL1, LockMode::kExclusive);
+    result = int(st.code());
+  });
+  std::this_thread::sleep_for(50ms);
+  b->dev->SetGone(true);  // b's heartbeats fail: its lease runs out, waiters fail
+  t.join();
+  EXPECT_EQ(result.load(), int(Code::kFenced));
+  // a (the master) declares b dead and recovers it; when b's disk comes back, b's
+  // handshake finds the verdict: b is fenced for good and must rejoin.
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (a->ls->stats().recoveries == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(a->ls->stats().recoveries, 1u);
+  b->dev->SetGone(false);
+  while (b->m->State() != Membership::SelfState::kFenced &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(b->m->State(), Membership::SelfState::kFenced);
+  EXPECT_TRUE(b->ls->Lock(kL2, LockMode::kShared).Is(Code::kFenced));
+  a->ls->Unpin(kL1);
+}
+
+}  // namespace
+}  // namespace agorafs
