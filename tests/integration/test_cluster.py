@@ -1,0 +1,203 @@
+"""Cluster core with real node processes (tests/cluster/agfs-locknode): mutual
+exclusion, simultaneous joins, crashes of a holder and of the master, a node frozen
+past its lease, write errors on one node. Every case runs twice: nodes sharing the
+image file directly, and each node reaching the disk through its own nbdkit server
+from its own network namespace (no network between nodes)."""
+import os
+import signal
+import struct
+import time
+import unittest
+
+import cluster
+import nbdnet
+
+LOCK = 7
+
+
+def read_counter(image):
+    size = os.path.getsize(image)
+    blk = size // 4096 - 64
+    with open(image, "rb") as f:
+        f.seek(blk * 4096)
+        magic, count, inside, slot, gen, recoveries = struct.unpack("<QQIIQQ", f.read(40))
+    return {"count": count, "inside": inside, "slot": slot, "recoveries": recoveries}
+
+
+class ClusterCases:
+    via_nbd = False
+
+    def rig(self, count, **kw):
+        r = cluster.Rig(count, via_nbd=self.via_nbd, **kw)
+        self.addCleanup(r.close)
+        return r
+
+    def logs(self, nodes):
+        return "\n".join(f"--- node {i} rc={n.proc.poll()}\n{n.log()}" for i, n in enumerate(nodes))
+
+    def counter_case(self, count, iterations, **opts):
+        r = self.rig(count)
+        nodes = [r.spawn(i, "counter", lock=LOCK, iterations=iterations, min_hold_ms=20, **opts)
+                 for i in range(count)]
+        rcs = [n.wait_exit(timeout=800) for n in nodes]
+        self.assertEqual(rcs, [0] * count, self.logs(nodes))
+        done = sum(n.wait_event("done")["increments"] for n in nodes)
+        self.assertEqual(done, count * iterations)
+        c = read_counter(r.scratch.image)
+        self.assertEqual(c["count"], count * iterations)
+        self.assertEqual(c["inside"], 0)
+        stats = [n.wait_event("stats") for n in nodes]
+        # Nodes finish at different times; when the master leaves, the rest elect a new
+        # one. At most one master per epoch.
+        epochs = [s["epoch"] for s in stats if s["is_master"]]
+        self.assertEqual(len(epochs), len(set(epochs)), stats)
+        return stats
+
+    def test_mutual_exclusion_2_nodes(self):
+        self.counter_case(2, 10000)
+
+    def test_mutual_exclusion_4_nodes(self):
+        self.counter_case(4, 10000)
+
+    def test_mutual_exclusion_8_nodes(self):
+        self.counter_case(8, 10000)
+
+    def test_eight_nodes_start_at_once_get_distinct_slots(self):
+        r = self.rig(8)
+        for round_ in range(3):
+            at = int(time.time() * 1000) + 1500
+            nodes = [r.spawn(i, "idle", start_at_ms=at) for i in range(8)]
+            joined = [n.wait_event("joined", timeout=120) for n in nodes]
+            slots = [j["slot"] for j in joined]
+            self.assertEqual(len(set(slots)), 8, f"round {round_}: slots {slots}")
+            self.assertEqual(cluster.stop_all(nodes), [0] * 8, self.logs(nodes))
+
+    def wait_master(self, node):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            st = node.proc.poll()
+            self.assertIsNone(st, node.log())
+            log = node.log()
+            if "is slot" in log:
+                return
+            time.sleep(0.05)
+        self.fail("no master elected: " + node.log())
+
+    def test_kill9_holder_locks_freed_after_recovery(self):
+        r = self.rig(3)
+        m = r.spawn(0, "idle")
+        self.wait_master(m)
+        h = r.spawn(1, "hold", lock=LOCK)
+        h.wait_event("acquired")
+        hslot = h.wait_event("joined")["slot"]
+        w = r.spawn(2, "acquire", lock=LOCK)
+        w.wait_event("joined")
+        time.sleep(1)
+        self.assertEqual(w.all("acquired"), [], "granted while the holder lives")
+        h.signal(signal.SIGKILL)
+        got = w.wait_event("acquired", timeout=60)
+        rec = m.wait_event("recovered", pred=lambda e: e["slot"] == hslot)
+        self.assertTrue(rec["repaired"], rec)
+        self.assertGreaterEqual(got["t"], rec["t"], "granted before recovery finished")
+        self.assertFalse(got["inside_before"])
+        self.assertEqual(cluster.stop_all([m, w]), [0, 0], self.logs([m, w]))
+
+    def test_kill9_master_others_continue(self):
+        r = self.rig(3)
+        m = r.spawn(0, "hold", lock=LOCK)  # the first node is the master and holds the lock
+        m.wait_event("acquired")
+        mslot = m.wait_event("joined")["slot"]
+        b = r.spawn(1, "idle")
+        w = r.spawn(2, "acquire", lock=LOCK)
+        b.wait_event("joined")
+        w.wait_event("joined")
+        time.sleep(1)
+        self.assertEqual(w.all("acquired"), [])
+        m.signal(signal.SIGKILL)
+        got = w.wait_event("acquired", timeout=60)
+        recs = [e for n in (b, w) for e in n.all("recovered") if e["slot"] == mslot]
+        self.assertEqual(len(recs), 1, f"{b.events} {w.events}")
+        self.assertTrue(recs[0]["repaired"])
+        self.assertGreaterEqual(got["t"], recs[0]["t"])
+        self.assertEqual(cluster.stop_all([b, w]), [0, 0], self.logs([b, w]))
+        stats = [n.wait_event("stats") for n in (b, w)]
+        epochs = [s["epoch"] for s in stats if s["is_master"]]
+        self.assertEqual(len(epochs), len(set(epochs)), stats)
+        self.assertGreaterEqual(min(s["epoch"] for s in stats), 2)
+
+    def test_sigstop_holder_fences_itself(self):
+        r = self.rig(3)
+        m = r.spawn(0, "idle")
+        self.wait_master(m)
+        h = r.spawn(1, "hold", lock=LOCK)
+        h.wait_event("acquired")
+        hslot = h.wait_event("joined")["slot"]
+        w = r.spawn(2, "acquire", lock=LOCK)
+        w.wait_event("joined")
+        time.sleep(0.5)
+        h.signal(signal.SIGSTOP)
+        t_stop = time.time()
+        got = w.wait_event("acquired", timeout=60)
+        rec = m.wait_event("recovered", pred=lambda e: e["slot"] == hslot)
+        self.assertGreaterEqual(got["t"], rec["t"])
+        before = read_counter(r.scratch.image)
+        self.assertEqual(before["inside"], 0)
+        h.signal(signal.SIGCONT)
+        rc = h.wait_exit(timeout=60)
+        self.assertEqual(rc, 4, "the frozen holder did not fence itself:\n" + h.log())
+        after = read_counter(r.scratch.image)
+        self.assertEqual(after, before, "a write of the fenced node landed after takeover")
+        if self.via_nbd:
+            late = [rec for conn in r.servers[1].writes().values() for rec in conn
+                    if rec.time > t_stop + 0.5]
+            self.assertEqual(late, [], "writes of the fenced node reached the disk")
+        self.assertEqual(cluster.stop_all([m, w]), [0, 0], self.logs([m, w]))
+
+
+class FileClusterTest(ClusterCases, unittest.TestCase):
+    via_nbd = False
+
+    def test_mutual_exclusion_with_network_channel(self):
+        stats = self.counter_case(4, 5000, net="127.0.0.1:0")
+        self.assertGreater(sum(s["net_accepted"] for s in stats), 0, stats)
+        self.assertEqual(sum(s["net_dropped"] for s in stats), 0, stats)
+
+
+_NETNS_OK = None
+
+
+def netns_ok():
+    global _NETNS_OK
+    if _NETNS_OK is None:
+        _NETNS_OK = nbdnet.have_nbdkit() and nbdnet.netns_available()[0]
+    return _NETNS_OK
+
+
+@unittest.skipUnless(netns_ok(), "nbdkit or network namespaces unavailable")
+class NbdClusterTest(ClusterCases, unittest.TestCase):
+    via_nbd = True
+
+    def test_write_errors_fence_that_node_only(self):
+        r = self.rig(3)
+        m = r.spawn(0, "idle")
+        self.wait_master(m)
+        a = r.spawn(1, "counter", lock=LOCK, iterations=1000000, min_hold_ms=20)
+        b = r.spawn(2, "counter", lock=LOCK, iterations=3000, min_hold_ms=20)
+        aslot = a.wait_event("joined")["slot"]
+        b.wait_event("joined")
+        time.sleep(2)
+        r.fail_writes(1)
+        self.assertEqual(a.wait_exit(timeout=120), 4,
+                         "a node whose writes fail must fence itself:\n" + a.log())
+        rec = m.wait_event("recovered", timeout=60, pred=lambda e: e["slot"] == aslot)
+        self.assertEqual(b.wait_exit(300), 0, b.log())
+        self.assertEqual(cluster.stop_all([m]), [0], m.log())
+        done = sum(n.wait_event("done")["increments"] for n in (a, b))
+        self.assertEqual(done, 3000 + a.wait_event("done")["increments"])
+        c = read_counter(r.scratch.image)
+        self.assertEqual(c["count"], done)
+        self.assertEqual(c["inside"], 0, rec)
+
+
+if __name__ == "__main__":
+    unittest.main()
