@@ -87,6 +87,9 @@ struct LockService::Impl {
     bool revoking = false;
   };
   std::unordered_map<LockId, ClientLock> cl;
+  // Indexes into cl so the engine and the worker never scan every cached lock.
+  std::unordered_set<LockId> to_request;  // wanted > held, request not sent
+  std::unordered_set<LockId> revoke_set;  // revoke_pending
   std::vector<Msg> to_master;  // client messages not yet sent (dest filled on send)
 
   // epoch as this node sees it
@@ -183,6 +186,7 @@ struct LockService::Impl {
       if (!enough && c.wanted < mode) {
         c.wanted = mode;
         c.req_sent = false;
+        to_request.insert(id);
         Poke();
       }
       if (!waiting) {
@@ -220,6 +224,7 @@ struct LockService::Impl {
     }
     if (!c.revoke_pending || to < c.revoke_to) c.revoke_to = to;
     c.revoke_pending = true;
+    revoke_set.insert(id);
     worker_cv.notify_one();
   }
 
@@ -246,8 +251,9 @@ struct LockService::Impl {
       LockId ready = 0;
       bool found = false;
       uint64_t next_due = UINT64_MAX;
-      for (auto& [id, c] : cl) {
+      for (LockId id : revoke_set) {
         if (fenced) break;
+        ClientLock& c = cl[id];
         if (RevokeReady(c, now)) {
           ready = id;
           found = true;
@@ -278,6 +284,7 @@ struct LockService::Impl {
         }
         if (c2.held > to) c2.held = to;
         c2.revoke_pending = false;
+        revoke_set.erase(ready);
         to_master.push_back(MakeMsg(kMsgRelease, ready, c2.held, 0, 0));
         stats.releases_sent++;
         cv.notify_all();
@@ -304,9 +311,14 @@ struct LockService::Impl {
     master_next = 0;
     to_master.clear();
     from_master.clear();
+    to_request.clear();
     for (auto& [id, c] : cl) {
       c.req_sent = false;
-      if (!c.revoking) c.revoke_pending = false;  // the new master will ask again
+      if (c.wanted > c.held) to_request.insert(id);
+      if (!c.revoking && c.revoke_pending) {
+        c.revoke_pending = false;  // the new master will ask again
+        revoke_set.erase(id);
+      }
     }
     table.clear();
     dirty.clear();
@@ -337,7 +349,10 @@ struct LockService::Impl {
       // Our own holdings are the first reclaim.
       for (auto& [id, c] : cl) {
         if (c.held != LockMode::kNone) table[id].holders[me] = c.held;
-        if (c.wanted > c.held) c.req_sent = false;
+        if (c.wanted > c.held) {
+          c.req_sent = false;
+          to_request.insert(id);
+        }
       }
       nodes[me].gen = my_gen;
       nodes[me].reclaimed = true;
@@ -362,7 +377,10 @@ struct LockService::Impl {
     mbox->SetFloor(start);
     for (auto& [id, c] : cl) {
       if (c.held != LockMode::kNone) to_master.push_back(MakeMsg(kMsgReclaim, id, c.held, 0, 0));
-      if (c.wanted > c.held) c.req_sent = false;
+      if (c.wanted > c.held) {
+        c.req_sent = false;
+        to_request.insert(id);
+      }
     }
     to_master.push_back(MakeMsg(kMsgReclaimDone, 0, LockMode::kNone, 0, 0));
     epoch_ready = true;
@@ -690,7 +708,8 @@ struct LockService::Impl {
       if (!epoch_ready || master.slot == kNoSlot) return;
       master_role = IsMaster();
       epoch = master.epoch;
-      for (auto& [id, c] : cl) {
+      for (LockId id : to_request) {
+        ClientLock& c = cl[id];
         if (c.wanted > c.held && !c.req_sent) {
           c.req_sent = true;
           stats.requests_sent++;
@@ -701,6 +720,7 @@ struct LockService::Impl {
           }
         }
       }
+      to_request.clear();
       if (master_role) {
         for (Msg& msg : to_master) MasterHandle(me, msg);
         to_master.clear();

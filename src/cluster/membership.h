@@ -27,6 +27,10 @@
 //   (2) otherwise write its heartbeat once; (3) read the same again; verdict or lost
 //   block -> fenced, else the lease is renewed and the node goes on with the same
 //   generation (a storage-wide stall is survived without fencing).
+// - CheckWrite() (and so GuardedDevice) refuses unless the node is kActive *and* within
+//   its lease: right after the handshake's heartbeat lands the clock says "valid"
+//   although a verdict may already name the node (the Spin model shows two valid
+//   holders with a clock-only guard).
 // - Fenced is final for this generation: State() == kFenced, every CheckWrite() and
 //   GuardedDevice write fails, the fence callback runs once (the lock manager fails
 //   its waiters with kFenced). Rejoin() then claims a slot again as a new generation.
@@ -35,8 +39,10 @@
 //   re-reads the victim's block. It returns true ("confirmed") only if the victim's
 //   (counter, generation, nonce) are what this observer saw when it judged the slot
 //   dead; otherwise it drops the verdict and returns false (the node came back).
-//   MarkRecovered(slot, gen) sets the verdict to kVerdictRecovered, writes it, then
-//   rewrites the victim's heartbeat block with state kSlotFree (generation kept). A
+//   MarkRecovered(slot, gen) first rewrites the victim's heartbeat block with state
+//   kSlotFree (generation kept), then sets the verdict to kVerdictRecovered and writes
+//   it. In this order nobody can claim the slot before the one free rewrite landed (a
+//   slow rewrite landing on a new owner's claim could otherwise free a taken slot). A
 //   verdict is kept until that slot is seen alive with a newer generation, or the
 //   table is full (oldest recovered verdicts go first).
 // - Leave() stops the threads and writes the slot kSlotFree (clean unmount); the slot

@@ -4,9 +4,14 @@
 // Contract
 // - Every slot s owns one PaxosBlock (two copies, slot blocks kSlotPaxos and
 //   kSlotPaxos+1, written A then B, each write completed before the next step). A
-//   reader takes copy A if it verifies, else copy B; a block that is all zero, from
-//   another instance (`instance` < e), or unreadable in both copies (logged) counts as
-//   the initial state (mbal = bal = 0) for instance e. Only the slot's owner writes it.
+//   reader takes copy A if it verifies, else copy B; a block that is all zero or from
+//   another instance (`instance` < e) counts as the initial state (mbal = bal = 0) for
+//   instance e; copies that read but do not verify are re-read a few times (a read can
+//   catch a copy mid-write), then logged and counted as initial. A read *error* on both
+//   copies is returned as an error, never taken as initial: that could hide an
+//   accepted value. Only the slot's owner writes it; before its first write of an
+//   instance the owner reloads its block from disk, so a restarted node keeps what it
+//   accepted and ballots above its old mbal (the Spin model found the gap otherwise).
 // - Propose(e, v) runs ballots for instance e until a value is chosen and returns it:
 //     phase 1: mbal = a fresh ballot (round * kMaxNodeSlots + slot + 1, above every
 //       mbal seen); write own block (instance e, mbal); read every slot's block; if

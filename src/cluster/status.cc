@@ -155,6 +155,7 @@ Result<ClusterStatus> ReadClusterStatus(BlockDevice* dev, uint32_t sample_ms) {
       for (uint32_t k = 0; k < lb.count && k < kSnapshotPerBlock; k++) {
         const SnapshotEntry& e = lb.entries[k];
         locks[e.slot].push_back(NodeLockInfo{e.lock, e.mode, e.what, e.age_ms});
+        st.all_locks.push_back({e.slot, NodeLockInfo{e.lock, e.mode, e.what, e.age_ms}});
       }
       if (lb.count < kSnapshotPerBlock) break;
     }
@@ -236,6 +237,17 @@ std::string StatusJson(const ClusterStatus& s) {
     }
     o += "]}";
   }
+  o += "],\"other_locks\":[";
+  bool first = true;
+  for (auto& [slot, l] : s.all_locks) {
+    bool listed = false;
+    for (const NodeStatus& n : s.nodes) listed |= n.slot == slot;
+    if (listed) continue;
+    o += fmt::format(R"({}{{"slot":{},"lock":"{:#x}","name":"{}","mode":"{}","state":"{}","age_ms":{}}})",
+                     first ? "" : ",", slot, l.lock, LockName(l.lock), ModeName(l.mode),
+                     WhatName(l.what), l.age_ms);
+    first = false;
+  }
   o += "]}";
   return o;
 }
@@ -259,9 +271,7 @@ std::string StatusText(const ClusterStatus& s) {
   }
   // Waits, with who holds what they wait for: how a hang is traced to its cause.
   std::map<uint64_t, std::vector<std::pair<uint32_t, NodeLockInfo>>> by_lock;
-  for (const NodeStatus& n : s.nodes) {
-    for (const NodeLockInfo& l : n.locks) by_lock[l.lock].push_back({n.slot, l});
-  }
+  for (auto& [slot, l] : s.all_locks) by_lock[l.lock].push_back({slot, l});
   bool header = false;
   for (auto& [id, entries] : by_lock) {
     for (auto& [slot, l] : entries) {

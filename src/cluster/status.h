@@ -53,6 +53,9 @@ struct ClusterStatus {
   bool master_view_fresh = false;
   uint64_t snapshot_total = 0;
   std::vector<NodeStatus> nodes;
+  // Every entry of the master's snapshot by slot, including slots no longer mounted
+  // (a node that left or died and is not yet forgotten still blocks its locks).
+  std::vector<std::pair<uint32_t, NodeLockInfo>> all_locks;
 };
 
 Result<ClusterStatus> ReadClusterStatus(BlockDevice* dev, uint32_t sample_ms);

@@ -3,8 +3,12 @@ exclusion, simultaneous joins, crashes of a holder and of the master, a node fro
 past its lease, write errors on one node. Every case runs twice: nodes sharing the
 image file directly, and each node reaching the disk through its own nbdkit server
 from its own network namespace (no network between nodes)."""
+import hashlib
+import hmac
+import json
 import os
 import signal
+import socket
 import struct
 import time
 import unittest
@@ -156,6 +160,87 @@ class ClusterCases:
 
 class FileClusterTest(ClusterCases, unittest.TestCase):
     via_nbd = False
+
+    def test_status_shows_the_live_cluster(self):
+        r = self.rig(3)
+        m = r.spawn(0, "idle")
+        self.wait_master(m)
+        h = r.spawn(1, "hold", lock=LOCK)
+        h.wait_event("acquired")
+        w = r.spawn(2, "acquire", lock=LOCK)
+        joined = [n.wait_event("joined") for n in (m, h, w)]
+        time.sleep(2)  # the master publishes its view and lock table every heartbeat
+        st = json.loads(r.status("--json").stdout)
+        by_slot = {n["slot"]: n for n in st["nodes"]}
+        self.assertEqual(sorted(by_slot), sorted(j["slot"] for j in joined), st)
+        for j, host in zip(joined, ("node0", "node1", "node2")):
+            n = by_slot[j["slot"]]
+            self.assertEqual((n["host"], n["generation"], n["state"]), (host, j["generation"], "alive"))
+            self.assertLess(n["heartbeat_age_ms"], 3000)
+        self.assertEqual(st["master"]["slot"], joined[0]["slot"])
+        held = by_slot[joined[1]["slot"]]["locks"]
+        waiting = by_slot[joined[2]["slot"]]["locks"]
+        self.assertEqual([(l["name"], l["mode"]) for l in held], [(f"inode {LOCK}", "exclusive")])
+        self.assertEqual([(l["name"], l["state"]) for l in waiting], [(f"inode {LOCK}", "waiting")])
+        text = r.status().stdout
+        self.assertIn(f"slot {joined[2]['slot']} waits", text)
+        self.assertIn(f"held by slot {joined[1]['slot']} exclusive", text)
+        self.assertEqual(cluster.stop_all([w, h, m]), [0, 0, 0])
+
+    def test_forged_and_replayed_datagrams_change_nothing(self):
+        """Issue "security": a live node's channel gets forged, replayed, truncated,
+        oversized and stale-generation datagrams; none grants or blocks anything."""
+        r = self.rig(3)
+        net = {"net": "127.0.0.1:0"}
+        m = r.spawn(0, "idle", **net)
+        self.wait_master(m)
+        h = r.spawn(1, "hold", lock=LOCK, **net)
+        h.wait_event("acquired")
+        w = r.spawn(2, "acquire", lock=LOCK, **net)
+        hj, wj = h.wait_event("joined"), w.wait_event("joined")
+        time.sleep(1.5)
+        st = json.loads(r.status("--json").stdout)
+        addr = {n["slot"]: n["address"] for n in st["nodes"]}
+        with open(r.scratch.image, "rb") as f:
+            sb = f.read(4096)
+        uuid, secret = sb[24:40], sb[240:272]
+        key = hashlib.blake2b(b"agorafs net v1", key=secret, digest_size=32).digest()
+
+        def datagram(slot, gen, seq, key=key):
+            body = struct.pack("<IHH16sIIQQQQ", 0x574E4741, 1, 1, uuid, slot, 0, gen, seq, 1 << 40, 1)
+            return body + hmac.new(key, body, hashlib.sha512).digest()[:32]
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        targets = [addr[hj["slot"]], addr[wj["slot"]]]
+        sent = 0
+        for t in targets:
+            host, port = t.rsplit(":", 1)
+            dst = (host, int(port))
+            good = datagram(wj["slot"], wj["generation"], 1 << 62)
+            bad = [
+                datagram(wj["slot"], wj["generation"], 5, key=bytes(32)),   # forged MAC
+                good[:-1],                                                  # truncated
+                good + b"x",                                                # oversized
+                good * 10,                                                  # oversized
+                datagram(wj["slot"], wj["generation"] + 7, 9),              # stale generation
+                datagram(200, 1, 9),                                        # not a live slot
+                os.urandom(96),                                             # garbage
+            ]
+            sock.sendto(good, dst)  # valid: costs one ring read at most
+            sock.sendto(good, dst)  # replayed
+            for b in bad:
+                sock.sendto(b, dst)
+            sent += 1 + len(bad)
+        time.sleep(1)
+        self.assertEqual(w.all("acquired"), [], "a datagram granted a lock")
+        self.assertIsNone(h.proc.poll())
+        h.signal(signal.SIGTERM)  # the holder leaves: the waiter gets the lock normally
+        w.wait_event("acquired", timeout=60)
+        self.assertEqual(cluster.stop_all([w, m]), [0, 0])
+        self.assertEqual(h.wait_exit(), 0)
+        dropped = h.wait_event("stats")["net_dropped"] + w.wait_event("stats")["net_dropped"]
+        self.assertGreaterEqual(dropped, sent, "every bad datagram is counted")
 
     def test_mutual_exclusion_with_network_channel(self):
         stats = self.counter_case(4, 5000, net="127.0.0.1:0")
