@@ -300,9 +300,10 @@ int main(int argc, char** argv) {
       if (st.ok()) st = WriteCounter(gdev, block, c);
       svc->Unpin(lock);
       (void)last;
-      // Wait until somebody else has had it (the counter moved on without us).
+      // Wait until somebody else has had it (the counter moved on without us); not
+      // after the last round, when the others may be done too.
       uint64_t mine = c.count;
-      while (!g_stop) {
+      while (!g_stop && i + 1 < iterations) {
         Counter now;
         if (!ReadCounter(gdev, block, &now).ok()) break;
         if (now.count != mine) break;

@@ -187,6 +187,21 @@ class FileClusterTest(ClusterCases, unittest.TestCase):
         self.assertIn(f"held by slot {joined[1]['slot']} exclusive", text)
         self.assertEqual(cluster.stop_all([w, h, m]), [0, 0, 0])
 
+    def test_mkfs_timings_profile_and_overrides(self):
+        import agfs
+        s = agfs.Scratch(mkfs=False)
+        self.addCleanup(s.cleanup)
+        agfs.run("mkfs", "--size", "64M", "--profile", "fast", "--heartbeat-ms", "250",
+                 "--dead-after-ms", "5000", s.image)
+        info = json.loads(agfs.run("info", "--json", s.image).stdout)
+        self.assertEqual((info["profile"], info["heartbeat_interval_ms"], info["dead_after_ms"]),
+                         ("fast", 250, 5000))
+        # Values that would let nodes fence each other are refused with the reason.
+        p = agfs.run("mkfs", "--size", "64M", "--force", "--heartbeat-ms", "2000",
+                     "--dead-after-ms", "3000", s.image, check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("timings refused", p.stderr + p.stdout)
+
     def test_forged_and_replayed_datagrams_change_nothing(self):
         """Issue "security": a live node's channel gets forged, replayed, truncated,
         oversized and stale-generation datagrams; none grants or blocks anything."""
