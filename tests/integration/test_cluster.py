@@ -87,15 +87,20 @@ class ClusterCases:
             time.sleep(0.05)
         self.fail("no master elected: " + node.log())
 
+    def master_holder_waiter(self, r, **opts):
+        """An idle master, a node holding LOCK and one waiting for it; returns them and
+        the holder's and waiter's join events."""
+        m = r.spawn(0, "idle", **opts)
+        self.wait_master(m)
+        h = r.spawn(1, "hold", lock=LOCK, **opts)
+        h.wait_event("acquired")
+        w = r.spawn(2, "acquire", lock=LOCK, **opts)
+        return m, h, w, h.wait_event("joined"), w.wait_event("joined")
+
     def test_kill9_holder_locks_freed_after_recovery(self):
         r = self.rig(3)
-        m = r.spawn(0, "idle")
-        self.wait_master(m)
-        h = r.spawn(1, "hold", lock=LOCK)
-        h.wait_event("acquired")
-        hslot = h.wait_event("joined")["slot"]
-        w = r.spawn(2, "acquire", lock=LOCK)
-        w.wait_event("joined")
+        m, h, w, hj, _ = self.master_holder_waiter(r)
+        hslot = hj["slot"]
         time.sleep(1)
         self.assertEqual(w.all("acquired"), [], "granted while the holder lives")
         h.signal(signal.SIGKILL)
@@ -131,13 +136,8 @@ class ClusterCases:
 
     def test_sigstop_holder_fences_itself(self):
         r = self.rig(3)
-        m = r.spawn(0, "idle")
-        self.wait_master(m)
-        h = r.spawn(1, "hold", lock=LOCK)
-        h.wait_event("acquired")
-        hslot = h.wait_event("joined")["slot"]
-        w = r.spawn(2, "acquire", lock=LOCK)
-        w.wait_event("joined")
+        m, h, w, hj, _ = self.master_holder_waiter(r)
+        hslot = hj["slot"]
         time.sleep(0.5)
         h.signal(signal.SIGSTOP)
         t_stop = time.time()
@@ -163,11 +163,7 @@ class FileClusterTest(ClusterCases, unittest.TestCase):
 
     def test_status_shows_the_live_cluster(self):
         r = self.rig(3)
-        m = r.spawn(0, "idle")
-        self.wait_master(m)
-        h = r.spawn(1, "hold", lock=LOCK)
-        h.wait_event("acquired")
-        w = r.spawn(2, "acquire", lock=LOCK)
+        m, h, w, _, _ = self.master_holder_waiter(r)
         joined = [n.wait_event("joined") for n in (m, h, w)]
         time.sleep(2)  # the master publishes its view and lock table every heartbeat
         st = json.loads(r.status("--json").stdout)
@@ -206,13 +202,7 @@ class FileClusterTest(ClusterCases, unittest.TestCase):
         """Issue "security": a live node's channel gets forged, replayed, truncated,
         oversized and stale-generation datagrams; none grants or blocks anything."""
         r = self.rig(3)
-        net = {"net": "127.0.0.1:0"}
-        m = r.spawn(0, "idle", **net)
-        self.wait_master(m)
-        h = r.spawn(1, "hold", lock=LOCK, **net)
-        h.wait_event("acquired")
-        w = r.spawn(2, "acquire", lock=LOCK, **net)
-        hj, wj = h.wait_event("joined"), w.wait_event("joined")
+        m, h, w, hj, wj = self.master_holder_waiter(r, net="127.0.0.1:0")
         time.sleep(1.5)
         st = json.loads(r.status("--json").stdout)
         addr = {n["slot"]: n["address"] for n in st["nodes"]}
