@@ -9,12 +9,6 @@ namespace agorafs {
 namespace {
 uint64_t RingIndex(uint64_t seq) { return (seq / kMsgsPerRingBlock) % kSlotRingBlocks; }
 uint64_t BlockFirst(uint64_t seq) { return seq / kMsgsPerRingBlock * kMsgsPerRingBlock; }
-bool AllZero(const uint8_t* p) {
-  for (size_t i = 0; i < kBlockSize; i++) {
-    if (p[i]) return false;
-  }
-  return true;
-}
 }  // namespace
 
 Mailbox::Mailbox(BlockDevice* wdev, BlockDevice* rdev, const Geometry& g, const Uuid& uuid,
@@ -47,7 +41,7 @@ Status Mailbox::WriteBlock(uint64_t blk, uint8_t* data, BlockType t) {
 Result<bool> Mailbox::ReadBlock(uint64_t blk, uint8_t* data, BlockType t) {
   stats_.reads++;
   AGFS_RETURN_IF_ERROR(rdev_->Read(blk * kBlockSize, data, kBlockSize));
-  if (AllZero(data)) return false;
+  if (IsZeroBlock(data)) return false;
   AGFS_RETURN_IF_ERROR(VerifyBlock(data, t, blk, uuid_));
   return true;
 }

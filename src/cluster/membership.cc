@@ -156,7 +156,7 @@ struct Membership::Impl {
     if (v.ok()) {
       r.kind = SlotRead::kOk;
       std::memcpy(&r.b, buf.data(), kBlockSize);
-    } else if (std::all_of(buf.data(), buf.data() + kBlockSize, [](uint8_t c) { return c == 0; })) {
+    } else if (IsZeroBlock(buf.data())) {
       r.kind = SlotRead::kZero;  // mkfs zeroes the slot region: a never-used slot
     } else {
       r.kind = SlotRead::kBad;

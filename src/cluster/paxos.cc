@@ -49,13 +49,6 @@ constexpr int kReadRounds = 3;
 constexpr uint64_t kBackoffStartMs = 2;
 constexpr uint64_t kBackoffCapMs = 200;
 
-bool AllZero(const uint8_t* p, size_t n) {
-  for (size_t i = 0; i < n; i++) {
-    if (p[i] != 0) return false;
-  }
-  return true;
-}
-
 uint64_t SplitMix(uint64_t* state) {
   uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -120,7 +113,7 @@ Result<DiskPaxos::Block> DiskPaxos::ReadBlock(uint32_t slot) {
         b.decided = MasterRecord{p->decided_epoch, p->decided_slot, p->decided_gen};
         return b;
       }
-      if (AllZero(buf.data(), kBlockSize)) zero = true;
+      if (IsZeroBlock(buf.data())) zero = true;
     }
     if (!read_ok[0] && !read_ok[1]) return last_err;
     if (!read_ok[0] || !read_ok[1]) {

@@ -16,19 +16,12 @@ namespace agorafs {
 
 namespace {
 
-bool AllZero(const uint8_t* p) {
-  for (size_t i = 0; i < kBlockSize; i++) {
-    if (p[i]) return false;
-  }
-  return true;
-}
-
 // Reads block `blk` of type `t`; false when it is all zero or fails verification.
 template <typename T>
 Result<bool> ReadTyped(BlockDevice* dev, uint64_t blk, BlockType t, const Uuid& uuid, T* out) {
   AlignedBuffer b(kBlockSize);
   AGFS_RETURN_IF_ERROR(dev->Read(blk * kBlockSize, b.data(), kBlockSize));
-  if (AllZero(b.data()) || !VerifyBlock(b.data(), t, blk, uuid).ok()) return false;
+  if (IsZeroBlock(b.data()) || !VerifyBlock(b.data(), t, blk, uuid).ok()) return false;
   std::memcpy(out, b.data(), kBlockSize);
   return true;
 }

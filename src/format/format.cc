@@ -44,6 +44,10 @@ void InitHeader(uint8_t* block, BlockType type, uint64_t blocknr, const Uuid& uu
   std::memcpy(h->uuid, uuid.data(), uuid.size());
 }
 
+bool IsZeroBlock(const uint8_t* block) {
+  return std::all_of(block, block + kBlockSize, [](uint8_t c) { return c == 0; });
+}
+
 uint64_t BlockChecksum(const uint8_t* block) {
   Hasher h;
   h.Update(block, offsetof(BlockHeader, checksum));

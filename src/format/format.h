@@ -83,6 +83,9 @@ void SealBlock(uint8_t* block);
 // Returns kCorruption naming the block and the first mismatch.
 Status VerifyBlock(const uint8_t* block, BlockType type, uint64_t blocknr, const Uuid& uuid);
 uint64_t BlockChecksum(const uint8_t* block);  // over the block with checksum zeroed
+// True when all kBlockSize bytes are zero: a block never written since mkfs zeroed it
+// (cluster blocks read as their initial state then, not as corruption).
+bool IsZeroBlock(const uint8_t* block);
 inline BlockHeader* Header(uint8_t* b) { return reinterpret_cast<BlockHeader*>(b); }
 inline const BlockHeader* Header(const uint8_t* b) {
   return reinterpret_cast<const BlockHeader*>(b);
