@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "cluster/status.h"
+#include "util/json.h"
 #include "device/block_device.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
@@ -250,20 +251,7 @@ int RunMount(const MountArgs& a) {
   return rc != 0 ? rc : (us.ok() ? 0 : 1);
 }
 
-static std::string JsonStr(const std::string& s) {
-  std::string o = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      o += fmt::format("\\u{:04x}", c);
-    } else {
-      o += c;
-    }
-  }
-  return o + "\"";
-}
+static std::string JsonStr(const std::string& s) { return "\"" + JsonEscape(s) + "\""; }
 
 int RunInfo(const InfoArgs& a) {
   OpenOptions oo;

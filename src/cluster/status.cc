@@ -11,6 +11,7 @@
 #include "cluster/membership.h"
 #include "fs/super.h"
 #include "lock/lock_manager.h"
+#include "util/json.h"
 
 namespace agorafs {
 
@@ -27,21 +28,6 @@ Result<bool> ReadTyped(BlockDevice* dev, uint64_t blk, BlockType t, const Uuid& 
 }
 
 std::string Str(const char* p, size_t n) { return std::string(p, strnlen(p, n)); }
-
-std::string JsonEscape(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      o += fmt::format("\\u{:04x}", int(c));
-    } else {
-      o += c;
-    }
-  }
-  return o;
-}
 
 const char* ModeName(uint8_t m) {
   return m == uint8_t(LockMode::kExclusive) ? "exclusive"

@@ -2,6 +2,7 @@
 // report. The per-object checks are in checker.cc.
 #include "fsck/fsck.h"
 #include "util/clock.h"
+#include "util/json.h"
 
 #include <dirent.h>
 #include <fmt/format.h>
@@ -710,7 +711,6 @@ std::string FsckReport::ToText() const {
 }
 
 std::string FsckReport::ToJson() const {
-  using fsck_internal::JsonEscape;
   std::string s = fmt::format("{{\"clean\":{},\"exit_code\":{},\"problems\":[",
                               problems.empty() && problems_omitted == 0 ? "true" : "false",
                               ExitCode());

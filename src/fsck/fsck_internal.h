@@ -96,6 +96,5 @@ Result<uint64_t> WriteExtentTree(MetaTxn& txn, uint64_t ino_nr, InodeBlock* ino,
 std::vector<uint64_t> DirBlocks(MetaTxn& txn, uint64_t dir_ino, const InodeBlock& d,
                                 bool* complete);
 
-std::string JsonEscape(const std::string& s);
 
 }  // namespace agorafs::fsck_internal
