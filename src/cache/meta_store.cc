@@ -26,6 +26,15 @@ size_t MetaStore::TxnLimit() const {
 
 Status MetaStore::Init() {
   running_seq_ = journal_->last_committed() + 1;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    AGFS_RETURN_IF_ERROR(LoadAgsLocked());
+  }
+  if (opts_.background) bg_ = std::thread([this] { BackgroundLoop(); });
+  return Status::Ok();
+}
+
+Status MetaStore::LoadAgsLocked() {
   ag_free_.assign(g_.ag_count, 0);
   ag_rotor_.assign(g_.ag_count, 0);
   ag_first_free_.assign(g_.ag_count, 0);
@@ -41,7 +50,13 @@ Status MetaStore::Init() {
       st = Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
     }
     if (!st.ok()) {
-      if (st.Is(Code::kIOError)) return st;
+      if (st.Is(Code::kIOError)) {
+        // Allocate nothing until a later Begin() reads them again.
+        ag_free_.assign(g_.ag_count, 0);
+        free_total_ = 0;
+        ags_stale_ = true;
+        return st;
+      }
       spdlog::error("allocation group {} unusable: {}", ag, st.ToString());
       ag_bad_[ag] = true;
       continue;
@@ -49,7 +64,7 @@ Status MetaStore::Init() {
     ag_free_[ag] = h->free_blocks;
     free_total_ += h->free_blocks;
   }
-  if (opts_.background) bg_ = std::thread([this] { BackgroundLoop(); });
+  ags_stale_ = false;
   return Status::Ok();
 }
 
@@ -99,6 +114,12 @@ const Uuid& MetaStore::Handle::uuid() const { return s_->uuid_; }
 std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t credits) {
   for (;;) {
     std::unique_ptr<Handle> h(new Handle(this, read_only));
+    if (ags_stale_) {
+      // The allocation counts were dropped with the lock that covers them; the caller
+      // holds it again now.
+      Status st = LoadAgsLocked();
+      if (!st.ok()) spdlog::error("reading allocation group headers: {}", st.ToString());
+    }
     if (read_only || !failed_.ok()) return h;
     // An empty transaction always takes the handle, however many credits it asks.
     bool txn_full = !dirty_.empty() && dirty_.size() + credits > TxnLimit();
@@ -150,6 +171,24 @@ Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlock(BlockType type
   s_->by_lock_[lock].insert(blk);
   s_->MarkDirty(raw);
   return std::make_pair(blk, raw->data.data());
+}
+
+Result<bool> MetaStore::Handle::Allocated(uint64_t blk) {
+  const Geometry& g = s_->g_;
+  if (blk < g.ag_start || blk >= g.total_blocks - 1) {
+    return Err(Code::kCorruption, "block " + std::to_string(blk) + " is outside the data area");
+  }
+  uint32_t ag = g.AgOf(blk);
+  if (ag >= g.ag_count) return Err(Code::kCorruption, "block past the last AG");
+  const uint64_t base = g.AgStart(ag);
+  const uint64_t off = blk - base;
+  if (off < 1 + g.bitmap_blocks) return true;  // the AG's own header and bitmaps
+  const uint32_t bm = static_cast<uint32_t>(off / kBitsPerBitmap);
+  auto b = s_->GetLocked(base + 1 + bm, BlockType::kBitmap, AgLock(ag), false);
+  if (!b.ok()) return b.status();
+  const auto* bmp = reinterpret_cast<const BitmapBlock*>((*b)->data.data());
+  const uint64_t bit = off - uint64_t(bm) * kBitsPerBitmap;
+  return (bmp->bits[bit >> 3] & (1u << (bit & 7))) != 0;
 }
 
 Result<Allocation> MetaStore::Handle::AllocData(uint64_t hint, uint32_t want) {
@@ -208,6 +247,7 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
   if (it != cache_.end()) {
     b = it->second.get();
     stats_.cache_hits++;
+    if (for_write) AGFS_RETURN_IF_ERROR(locks_->Acquire(lock, LockMode::kExclusive));
     if (Header(b->data.data())->type != static_cast<uint16_t>(type)) {
       return Err(Code::kCorruption, std::string(BlockTypeName(type)) + " block " +
                                         std::to_string(blk) + " is cached as a " +
@@ -605,6 +645,30 @@ Status MetaStore::DropLock(LockId lock) {
     }
     std::vector<uint64_t> blks(it->second.begin(), it->second.end());
     for (uint64_t blk : blks) DropBufferLocked(blk);
+    return Status::Ok();
+  }
+}
+
+Status MetaStore::DropAll() {
+  for (int attempt = 0;; attempt++) {
+    {
+      std::lock_guard<std::mutex> clk(commit_mu_);
+      AGFS_RETURN_IF_ERROR(CommitInternal());
+      AGFS_RETURN_IF_ERROR(CheckpointInternal());
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    if (!dirty_.empty() || !committed_.empty()) {
+      // Changed again meanwhile: commit again. Dropping a dirty block would lose it.
+      if (attempt < 100) continue;
+      return Err(Code::kBusy, "metadata keeps changing while its lock is revoked");
+    }
+    std::vector<uint64_t> blks;
+    blks.reserve(cache_.size());
+    for (const auto& [blk, b] : cache_) blks.push_back(blk);
+    for (uint64_t blk : blks) DropBufferLocked(blk);
+    ag_free_.assign(g_.ag_count, 0);
+    free_total_ = 0;
+    ags_stale_ = true;
     return Status::Ok();
   }
 }

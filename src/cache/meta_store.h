@@ -15,7 +15,11 @@
 //   lock). A freed block is not handed out again until the transaction that freed
 //   it is checkpointed: replaying an older transaction can then never overwrite it.
 // - DropLock(id): commit, checkpoint and drop every block of that lock — what a lock
-//   revocation requires before the lock may be released.
+//   revocation requires before the lock may be released. DropAll() does it for every
+//   block and also forgets the allocation counts (another node may change them); the
+//   next Begin() reads the AG headers again.
+// - Every block read or written is checked against the LockManager (Acquire) on a
+//   cache miss, and on every write even when cached.
 //
 // Thread-safety
 // - One mutex (mu_) serialises all metadata access: a Handle holds it from Begin()
@@ -90,6 +94,10 @@ class MetaStore {
                                                    uint64_t hint) override;
     Result<Allocation> AllocData(uint64_t hint, uint32_t want) override;
     Status Free(uint64_t blk, uint64_t count) override;
+    // Whether the allocation bitmap marks `blk` in use (kCorruption outside the data
+    // area). A freed metadata block keeps its old contents at home: callers that must
+    // know whether an inode still exists ask the bitmap.
+    Result<bool> Allocated(uint64_t blk);
     // Sequence of the running transaction this handle writes into.
     uint64_t seq() const { return seq_; }
 
@@ -117,6 +125,10 @@ class MetaStore {
   Result<bool> Reclaim();
   // Commit, checkpoint, and drop every cached block covered by `lock`.
   Status DropLock(LockId lock);
+  // Commit, checkpoint, and drop every cached block and the in-memory allocation
+  // counts: what giving up a lock that covers all metadata requires. The AG headers
+  // are read again by the next Begin().
+  Status DropAll();
 
   uint64_t FreeBlocks() const;          // sum over all AGs, excluding pending frees
   uint64_t TotalDataBlocks() const;     // blocks in all AGs
@@ -156,6 +168,7 @@ class MetaStore {
   bool PendingFree(uint64_t blk, uint64_t* skip_to) const;
 
   Status CommitInternal();
+  Status LoadAgsLocked();
   void DropBufferLocked(uint64_t blk);
   size_t TxnLimit() const;
   Status CheckpointInternal();
@@ -185,6 +198,7 @@ class MetaStore {
   std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
   std::vector<uint64_t> ag_first_free_;  // no free block below this offset in the AG
   std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
+  bool ags_stale_ = false;           // counts dropped by DropAll: reload at Begin
   uint64_t free_total_ = 0;
   size_t unhomed_copies_ = 0;
   uint64_t pending_total_ = 0;  // blocks in pending_free_  // blocks held in committed_ (memory not yet released)

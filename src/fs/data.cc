@@ -58,7 +58,7 @@ Status Filesystem::ConvertInlineToExtents(MetaTxn& h, uint64_t ino, InodeBlock* 
   Status st = r.ok() ? Status::Ok() : r.status();
   // Written while the handle is held: no commit can include the new extent before
   // the data is on the device.
-  if (st.ok()) st = dev_->Write(r->m.physical * kBlockSize, block.data(), kBlockSize);
+  if (st.ok()) st = io_->Write(r->m.physical * kBlockSize, block.data(), kBlockSize);
   if (!st.ok()) {
     if (r.ok()) {
       Status fs = h.Free(r->m.physical, 1);
@@ -89,10 +89,11 @@ static Status ZeroInBlock(BlockDevice* dev, MetaTxn& h, uint64_t ino, const Inod
 Status Filesystem::ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& I,
                                     uint64_t from) {
   if (from % kBlockSize == 0) return Status::Ok();
-  return ZeroInBlock(dev_.get(), h, ino, I, from, (from / kBlockSize + 1) * kBlockSize);
+  return ZeroInBlock(io_, h, ino, I, from, (from / kBlockSize + 1) * kBlockSize);
 }
 
 Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* buf) {
+  AGFS_GATE(Shared, ino);
   auto st = State(ino);
   std::shared_lock<std::shared_mutex> io(st->io);
   std::vector<extent::Mapping> maps;
@@ -142,11 +143,13 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
     uint64_t a1 = DivUp(mend, kBlockSize) * kBlockSize;
     uint8_t* b = Bounce(a1 - a0);
     uint64_t phys = (m.physical + (a0 / kBlockSize - m.logical)) * kBlockSize;
-    AGFS_RETURN_IF_ERROR(dev_->Read(phys, b, a1 - a0));
+    AGFS_RETURN_IF_ERROR(io_->Read(phys, b, a1 - a0));
     std::memcpy(buf + (mstart - off), b + (mstart - a0), mend - mstart);
   }
   io.unlock();
-  if (touch_atime && len > 0 && store_->failed().ok()) {
+  // atime is best effort: only while this node holds the lock exclusively anyway, so
+  // that reading never pulls the lock away from another node.
+  if (touch_atime && len > 0 && store_->failed().ok() && GateAllowsWrite()) {
     auto h = store_->Begin(false, 4);
     auto ir = WIno(*h, g_, ino);
     if (ir.ok()) (*ir)->atime = NowTs();
@@ -155,16 +158,25 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
 }
 
 Result<size_t> Filesystem::Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
-                                 size_t len) {
-  return RetryOnNoSpace(store_.get(), [&] { return WriteOnce(c, ino, off, buf, len); });
+                                 size_t len, bool append) {
+  AGFS_GATE(Exclusive, ino);
+  return RetryOnNoSpace(store_.get(), [&] { return WriteOnce(c, ino, off, buf, len, append); });
 }
 
 Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off,
-                                     const char* buf, size_t len) {
+                                     const char* buf, size_t len, bool append) {
   if (len == 0) return size_t(0);
-  if (off > kMaxFileSize || len > kMaxFileSize - off) return Err(Code::kTooBig, "file too large");
   auto st = State(ino);
   std::unique_lock<std::mutex> wl(st->write_mu);
+  if (append) {
+    // The kernel's idea of the end of file may be another node's old one: the true end
+    // is read here, under the filesystem lock and the inode's write mutex.
+    auto h = store_->Begin(true);
+    auto ir = RIno(*h, g_, ino);
+    if (!ir.ok()) return ir.status();
+    off = (*ir)->size;
+  }
+  if (off > kMaxFileSize || len > kMaxFileSize - off) return Err(Code::kTooBig, "file too large");
   std::shared_lock<std::shared_mutex> io(st->io);
   const uint64_t end = off + len;
   std::vector<extent::Mapping> maps;
@@ -180,7 +192,7 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
         if (off > I->size) std::memset(I->data + I->size, 0, off - I->size);
         std::memcpy(I->data + off, buf, len);
         if (end > I->size) I->size = end;
-        I->mtime = I->ctime = NowTs();
+        TouchData(I, NowTs());
         KillPriv(c, I);
         return len;
       }
@@ -207,13 +219,13 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
       std::memset(dst, 0, kBlockSize);
       return Status::Ok();
     }
-    return dev_->Read((m.physical + (lblk - m.logical)) * kBlockSize, dst, kBlockSize);
+    return io_->Read((m.physical + (lblk - m.logical)) * kBlockSize, dst, kBlockSize);
   };
   if (off > a0) AGFS_RETURN_IF_ERROR(fill_edge(first, maps.front()));
   if (end < a1 && (last != first || off == a0)) AGFS_RETURN_IF_ERROR(fill_edge(last, maps.back()));
   std::memcpy(b + (off - a0), buf, len);
   for (const auto& m : maps) {
-    AGFS_RETURN_IF_ERROR(dev_->Write(m.physical * kBlockSize, b + (m.logical - first) * kBlockSize,
+    AGFS_RETURN_IF_ERROR(io_->Write(m.physical * kBlockSize, b + (m.logical - first) * kBlockSize,
                                      uint64_t(m.len) * kBlockSize));
   }
   {
@@ -227,7 +239,7 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
       }
     }
     if (end > I->size) I->size = end;
-    I->mtime = I->ctime = NowTs();
+    TouchData(I, NowTs());
     KillPriv(c, I);
   }
   return len;
@@ -277,7 +289,7 @@ Status Filesystem::Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bo
       punch = true;
     }
     I->size = new_size;
-    if (update_times && new_size != old) I->mtime = I->ctime = NowTs();
+    if (update_times && new_size != old) TouchData(I, NowTs());
     if (new_size != old) KillPriv(c, I);
   }
   if (punch) return TruncateBlocks(info_.slot, ino, new_size);
@@ -285,6 +297,7 @@ Status Filesystem::Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bo
 }
 
 Status Filesystem::Fallocate(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len) {
+  AGFS_GATE(Exclusive, ino);
   return RetryOnNoSpace(store_.get(), [&] { return FallocateOnce(c, ino, mode, off, len); });
 }
 
@@ -316,13 +329,13 @@ Status Filesystem::FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64
       if (ze > zs) std::memset(I->data + zs, 0, ze - zs);
       if (zero && !keep && end > I->size && end <= kInodeDataSize) I->size = end;
       if (punch || end <= kInodeDataSize || keep) {
-        I->mtime = I->ctime = now;
+        TouchData(I, now);
         return Status::Ok();
       }
     } else if (end <= kInodeDataSize) {
       if (!keep && end > I->size) {
         I->size = end;
-        I->mtime = I->ctime = now;
+        TouchData(I, now);
       }
       return Status::Ok();
     }
@@ -331,13 +344,13 @@ Status Filesystem::FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64
   if (punch || zero) {
     uint64_t b0 = DivUp(off, kBlockSize), b1 = end / kBlockSize;  // whole blocks
     if (b0 > b1) {  // inside one block
-      AGFS_RETURN_IF_ERROR(ZeroInBlock(dev_.get(), *h, ino, *I, off, end));
+      AGFS_RETURN_IF_ERROR(ZeroInBlock(io_, *h, ino, *I, off, end));
     } else {
       if (off % kBlockSize) {
-        AGFS_RETURN_IF_ERROR(ZeroInBlock(dev_.get(), *h, ino, *I, off, b0 * kBlockSize));
+        AGFS_RETURN_IF_ERROR(ZeroInBlock(io_, *h, ino, *I, off, b0 * kBlockSize));
       }
       if (end % kBlockSize) {
-        AGFS_RETURN_IF_ERROR(ZeroInBlock(dev_.get(), *h, ino, *I, b1 * kBlockSize, end));
+        AGFS_RETURN_IF_ERROR(ZeroInBlock(io_, *h, ino, *I, b1 * kBlockSize, end));
       }
       if (b1 > b0) AGFS_RETURN_IF_ERROR(extent::Punch(*h, ino, I, b0, b1 - b0));
       if (zero) {
@@ -359,12 +372,13 @@ Status Filesystem::FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64
     }
   }
   if (!keep && end > I->size) I->size = end;
-  I->mtime = I->ctime = now;
+  TouchData(I, now);
   if (punch || zero) KillPriv(c, I);
   return Status::Ok();
 }
 
 Result<uint64_t> Filesystem::Lseek(uint64_t ino, uint64_t off, int whence) {
+  AGFS_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
@@ -392,6 +406,7 @@ Result<uint64_t> Filesystem::Lseek(uint64_t ino, uint64_t off, int whence) {
 
 Result<size_t> Filesystem::CopyFileRange(const Caller& c, uint64_t ino_in, uint64_t off_in,
                                          uint64_t ino_out, uint64_t off_out, size_t len) {
+  AGFS_GATE(Exclusive, ino_in, ino_out);
   std::vector<char> buf(std::min<size_t>(len, 1 << 20));
   size_t done = 0;
   while (done < len) {
@@ -407,6 +422,9 @@ Result<size_t> Filesystem::CopyFileRange(const Caller& c, uint64_t ino_in, uint6
   return done;
 }
 
-Status Filesystem::Fsync(uint64_t, bool) { return store_->Commit(); }
+Status Filesystem::Fsync(uint64_t ino, bool) {
+  AGFS_GATE(Shared, ino);
+  return store_->Commit();
+}
 
 }  // namespace agorafs

@@ -81,6 +81,112 @@ Result<InodeBlock*> WIno(MetaTxn& h, const Geometry& g, uint64_t ino) {
 }
 
 // ------------------------------------------------------------------------------
+// The filesystem lock
+
+namespace {
+
+// The whole filesystem is one cluster lock for now: shared to read, exclusive to
+// change. Its id lives in the kSuper kind, which nothing else uses at run time.
+constexpr LockId kFsLock = MakeLockId(LockKind::kSuper, 1);
+
+// What this thread may do under the gates it holds: kNone outside any gate. A shared
+// gate taken while the node holds the lock exclusively may write too (the pin keeps
+// the node's hold from going down).
+thread_local LockMode t_gate = LockMode::kNone;
+
+// The LockManager MetaStore checks: every block access must happen under a gate.
+class GateLocks final : public LockManager {
+ public:
+  Status Acquire(LockId id, LockMode mode) override {
+    if (t_gate >= mode) return Status::Ok();
+    return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
+                                    " used outside the filesystem lock");
+  }
+  LockMode Held(LockId) const override { return t_gate; }
+  void SetRevokeCallback(RevokeFn) override {}
+};
+
+}  // namespace
+
+bool GateAllowsWrite() { return t_gate == LockMode::kExclusive; }
+
+Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
+  if (t_gate >= mode) return;
+  if (t_gate != LockMode::kNone) {
+    st_ = Err(Code::kInvalid, "filesystem lock upgrade from shared on one thread");
+    return;
+  }
+  st_ = fs_->lsvc_->Lock(kFsLock, mode);
+  if (!st_.ok()) {
+    if (st_.Is(Code::kFenced) || st_.Is(Code::kAborted)) {
+      st_ = Err(Code::kIOError, "this node lost its place in the cluster: " + st_.message());
+    }
+    return;
+  }
+  pinned_ = true;
+  prev_ = t_gate;
+  t_gate = std::max(mode, fs_->lsvc_->Held(kFsLock));
+  std::lock_guard<std::mutex> g(fs_->info_mu_);
+  if (fs_->lost_lock_) {
+    fs_->lost_lock_ = false;
+    fs_->info_.lock_transfers_in++;
+  }
+}
+
+Filesystem::Gate::~Gate() {
+  if (!pinned_) return;
+  t_gate = prev_;
+  fs_->lsvc_->Unpin(kFsLock);
+}
+
+// Runs on the lock service's worker thread once no gate is open on this node.
+Status Filesystem::OnRevoke(LockMode to) {
+  Status st = to == LockMode::kNone ? store_->DropAll() : store_->Sync();
+  std::lock_guard<std::mutex> g(info_mu_);
+  info_.lock_revokes++;
+  if (to == LockMode::kNone) lost_lock_ = true;
+  return st;
+}
+
+Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
+  uint64_t gen = 0;
+  {
+    std::lock_guard<std::mutex> g(states_mu_);
+    auto it = refs_.find(ino);
+    if (it == refs_.end()) return Status::Ok();
+    gen = it->second.generation;
+  }
+  if (gen == 0) return Status::Ok();
+  if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
+  auto used = h.Allocated(ino);
+  if (!used.ok()) return used.status();
+  if (!*used) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
+  if (!r.ok()) {
+    // Freed by another node and reused for something else.
+    if (r.status().Is(Code::kCorruption)) {
+      return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " no longer exists");
+    }
+    return r.status();
+  }
+  const auto* I = reinterpret_cast<const InodeBlock*>(*r);
+  if (I->generation != gen || (I->nlink == 0 && !(I->flags & kInodeFlagOrphan))) {
+    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted on another node");
+  }
+  return Status::Ok();
+}
+
+Status Filesystem::CheckKnown(uint64_t ino) {
+  auto h = store_->Begin(true);
+  return CheckKnown(*h, ino);
+}
+
+FsInfo Filesystem::info() const {
+  std::lock_guard<std::mutex> g(info_mu_);
+  return info_;
+}
+
+// ------------------------------------------------------------------------------
 // Mount
 
 static Result<std::string> HostName(const MountOptions& o) {
@@ -100,34 +206,82 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   fs->g_ = GeometryOf(fs->sb_);
   fs->uuid_ = SuperUuid(fs->sb_);
   fs->dev_ = std::move(dev);
-  fs->locks_ = std::make_unique<LocalLockManager>();
+  fs->locks_ = std::make_unique<GateLocks>();
 
-  AGFS_RETURN_IF_ERROR(fs->ClaimSlot());
-  auto j = Journal::Open(fs->dev_.get(), fs->g_, fs->uuid_, fs->info_.slot, fs->info_.generation);
-  if (!j.ok()) return j.status();
-  fs->journal_ = std::move(j).value();
-  auto rs = fs->journal_->Replay();
-  if (!rs.ok()) return rs.status();
-  fs->info_.replayed_transactions += rs->transactions;
+  Membership::Options mo;
+  mo.host = *HostName(opts);
+  mo.timings = ClusterTimings::FromSuper(fs->sb_);
+  if (opts.heartbeat_ms_override) mo.timings.heartbeat_ms = opts.heartbeat_ms_override;
+  if (opts.io_timeout_ms_override) mo.timings.io_timeout_ms = opts.io_timeout_ms_override;
+  if (opts.dead_after_ms_override) mo.timings.dead_after_ms = opts.dead_after_ms_override;
+  mo.timings.poll_ms = opts.poll_ms;
+  mo.on_fenced = [] {
+    spdlog::critical("this node's lease ran out and another node declared it dead: it has "
+                     "stopped writing; unmount and mount again");
+  };
+  auto m = Membership::Join(fs->dev_.get(), fs->sb_, mo);
+  if (!m.ok()) return m.status();
+  fs->member_ = std::move(m).value();
+  fs->io_ = fs->member_->guarded_device();
+  fs->info_.slot = fs->member_->slot();
+  fs->info_.generation = fs->member_->generation();
 
-  fs->store_ = std::make_unique<MetaStore>(fs->dev_.get(), fs->sb_, fs->journal_.get(),
-                                           fs->locks_.get(), opts.store);
-  AGFS_RETURN_IF_ERROR(fs->store_->Init());
-  fs->locks_->SetRevokeCallback(
-      [f = fs.get()](LockId id, LockMode) { return f->store_->DropLock(id); });
+  LockService::Options lo;
+  lo.poll_ms = opts.poll_ms;
+  lo.net_bind = opts.net_bind;
+  Filesystem* f = fs.get();
+  lo.on_revoke = [f](LockId id, LockMode to) -> Status {
+    if (id != kFsLock) return Status::Ok();
+    return f->OnRevoke(to);
+  };
+  lo.on_recover = [f](uint32_t slot, uint64_t) { return f->RecoverSlot(slot); };
+  lo.on_fatal = [](const Status& st) {
+    // The lock cannot be released safely; survivors recover this node as a crashed one.
+    spdlog::critical("cannot give up the filesystem lock safely, stopping: {}", st.ToString());
+    std::fflush(nullptr);
+    _exit(70);
+  };
+  auto ls = LockService::Start(fs->dev_.get(), fs->sb_, fs->member_.get(), lo);
+  if (!ls.ok()) {
+    (void)fs->member_->Leave();
+    return ls.status();
+  }
+  fs->lsvc_ = std::move(ls).value();
 
-  // Orphans: ours (left by a crash of this slot's previous owner) and those of
-  // crashed slots we recovered.
-  for (uint32_t s : fs->recovered_) AGFS_RETURN_IF_ERROR(fs->FreeOrphans(s, false));
-  AGFS_RETURN_IF_ERROR(fs->FreeOrphans(fs->info_.slot, false));
-  AGFS_RETURN_IF_ERROR(fs->store_->Sync());
-  // Release the crashed slots only now that their journals and orphans are handled.
-  for (uint32_t s : fs->recovered_) AGFS_RETURN_IF_ERROR(fs->WriteSlotState(s, kSlotFree, nullptr));
+  Status st = [&]() -> Status {
+    // Waits while a dead node is recovered: the master grants nothing until then.
+    Gate gate(f, LockMode::kExclusive);
+    AGFS_RETURN_IF_ERROR(gate.status());
+    auto j = Journal::Open(f->io_, f->g_, f->uuid_, f->info_.slot, f->info_.generation);
+    if (!j.ok()) return j.status();
+    f->journal_ = std::move(j).value();
+    // Empty unless the previous owner of this slot left without anyone recovering it.
+    auto rs = f->journal_->Replay();
+    if (!rs.ok()) return rs.status();
+    f->info_.replayed_transactions += rs->transactions;
+    f->store_ = std::make_unique<MetaStore>(f->io_, f->sb_, f->journal_.get(), f->locks_.get(),
+                                            opts.store);
+    AGFS_RETURN_IF_ERROR(f->store_->Init());
+    // Orphans the previous owner of this slot left (files deleted while open, and
+    // truncations a crash interrupted).
+    AGFS_RETURN_IF_ERROR(f->FreeOrphans(f->info_.slot, false));
+    AGFS_RETURN_IF_ERROR(f->AdoptOrphans());
+    return f->store_->Sync();
+  }();
+  if (!st.ok()) {
+    if (f->store_) f->store_->Stop();
+    f->unmounted_ = true;
+    f->lsvc_->Stop();
+    f->lsvc_.reset();
+    (void)f->member_->Leave();
+    return st;
+  }
 
+  fs->janitor_ = std::thread([f] { f->JanitorLoop(); });
   uint64_t seed;
   if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed)) seed = 0;
-  fs->next_gen_ = (fs->info_.generation << 32) | (seed & 0xffff0000u);
-  fs->hb_thread_ = std::thread([f = fs.get()] { f->HeartbeatLoop(); });
+  fs->next_gen_ = (fs->info_.generation << 32) | (uint64_t(fs->info_.slot & 0xff) << 24) |
+                  (seed & 0x00ff0000u);
   spdlog::info("mounted {} as node slot {} generation {} ({} journal transactions replayed)",
                fs->dev_->Name(), fs->info_.slot, fs->info_.generation,
                fs->info_.replayed_transactions);
@@ -140,160 +294,50 @@ Filesystem::~Filesystem() {
 }
 
 Status Filesystem::Unmount() {
+  if (unmounted_) return Status::Ok();
+  unmounted_ = true;
   {
-    std::lock_guard<std::mutex> g(hb_mu_);
-    if (unmounted_) return Status::Ok();
-    unmounted_ = true;
-    hb_stop_ = true;
+    std::lock_guard<std::mutex> g(info_mu_);
+    janitor_stop_ = true;
   }
-  hb_cv_.notify_all();
-  if (hb_thread_.joinable()) hb_thread_.join();
+  janitor_cv_.notify_all();
+  if (janitor_.joinable()) janitor_.join();
   if (!store_) return Status::Ok();
   Status st = store_->failed();
-  if (st.ok()) st = FreeOrphans(info_.slot, false);
-  if (st.ok()) st = store_->Sync();
+  {
+    Gate gate(this, LockMode::kExclusive);
+    if (st.ok()) st = gate.status();
+    if (st.ok()) st = FreeOrphans(info_.slot, false);
+    if (st.ok()) st = store_->Sync();
+  }
   store_->Stop();
-  if (st.ok()) st = WriteSlotState(info_.slot, kSlotFree, nullptr);
-  if (st.ok()) st = dev_->Flush();
+  // Our blocks are home and the journal is empty: the lock may go without a revoke.
+  lsvc_->Stop();
+  if (st.ok()) st = member_->Leave();
   if (!st.ok()) {
-    // Leave the slot marked mounted: the next mount replays our journal.
+    // Leave the slot marked mounted: a survivor (or the next mount) replays our journal.
     return Err(st.code(), "unclean unmount (journal will be replayed): " + st.message());
   }
   return Status::Ok();
 }
 
 // ------------------------------------------------------------------------------
-// Node slots
-
-Result<SlotBlock> Filesystem::ReadSlot(uint32_t slot) {
-  AlignedBuffer b(kBlockSize);
-  uint64_t blk = g_.SlotBlock(slot, kSlotHeartbeat);
-  AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, b.data(), kBlockSize));
-  AGFS_RETURN_IF_ERROR(VerifyBlock(b.data(), BlockType::kSlot, blk, uuid_));
-  SlotBlock s;
-  std::memcpy(&s, b.data(), kBlockSize);
-  return s;
-}
-
-Status Filesystem::WriteSlotState(uint32_t slot, uint32_t state, const SlotBlock* base) {
-  AlignedBuffer b(kBlockSize);
-  uint64_t blk = g_.SlotBlock(slot, kSlotHeartbeat);
-  SlotBlock s;
-  if (base) {
-    s = *base;
-  } else {
-    auto cur = ReadSlot(slot);
-    if (cur.ok()) {
-      s = *cur;
-    } else {
-      std::memset(&s, 0, sizeof(s));
-      s.slot = slot;
-    }
-  }
-  s.state = state;
-  std::memcpy(b.data(), &s, kBlockSize);
-  InitHeader(b.data(), BlockType::kSlot, blk, uuid_);
-  SealBlock(b.data());
-  AGFS_RETURN_IF_ERROR(dev_->Write(blk * kBlockSize, b.data(), kBlockSize));
-  return dev_->Flush();
-}
-
-Status Filesystem::ClaimSlot() {
-  std::vector<SlotBlock> slots(g_.node_slots);
-  std::vector<bool> ok(g_.node_slots, false);
-  bool any_mounted = false;
-  for (uint32_t s = 0; s < g_.node_slots; s++) {
-    auto r = ReadSlot(s);
-    if (!r.ok()) {
-      if (r.status().Is(Code::kIOError)) return r.status();
-      spdlog::error("node slot {} unreadable, skipped: {}", s, r.status().ToString());
-      continue;
-    }
-    slots[s] = *r;
-    ok[s] = true;
-    any_mounted |= r->state == kSlotMounted;
-  }
-  if (any_mounted) {
-    // A mounted slot whose counter moves belongs to a live node: refuse. One that
-    // stands still for two heartbeat intervals belongs to a crashed node: recover it.
-    uint32_t interval = opts_.heartbeat_ms_override ? opts_.heartbeat_ms_override
-                                                    : sb_.heartbeat_interval_ms;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2 * interval + 200));
-    for (uint32_t s = 0; s < g_.node_slots; s++) {
-      if (!ok[s] || slots[s].state != kSlotMounted) continue;
-      auto r = ReadSlot(s);
-      if (!r.ok()) return r.status();
-      if (r->counter != slots[s].counter || r->generation != slots[s].generation) {
-        std::string host(r->host, strnlen(r->host, sizeof(r->host)));
-        return Err(Code::kBusy, dev_->Name() + " is mounted by host '" + host + "' (node slot " +
-                                    std::to_string(s) +
-                                    "); sharing a device between live nodes needs the cluster "
-                                    "lock manager, which this version does not have yet");
-      }
-    }
-    for (uint32_t s = 0; s < g_.node_slots; s++) {
-      if (!ok[s] || slots[s].state != kSlotMounted) continue;
-      spdlog::warn("node slot {} (host '{}') was left mounted: replaying its journal", s,
-                   std::string(slots[s].host, strnlen(slots[s].host, sizeof(slots[s].host))));
-      AGFS_RETURN_IF_ERROR(RecoverSlot(s));
-      recovered_.push_back(s);
-    }
-  }
-  // Take the first free slot (a recovered one is reused only if nothing else is free).
-  int chosen = -1;
-  for (uint32_t s = 0; s < g_.node_slots && chosen < 0; s++) {
-    if (ok[s] && slots[s].state == kSlotFree) chosen = int(s);
-  }
-  for (uint32_t s : recovered_) {
-    if (chosen < 0) chosen = int(s);
-  }
-  if (chosen < 0) return Err(Code::kBusy, "no free node slot on " + dev_->Name());
-  uint32_t slot = uint32_t(chosen);
-  recovered_.erase(std::remove(recovered_.begin(), recovered_.end(), slot), recovered_.end());
-  info_.slot = slot;
-  info_.generation = slots[slot].generation + 1;
-  SlotBlock mine = slots[slot];
-  std::memset(&mine, 0, sizeof(mine));
-  mine.slot = slot;
-  mine.generation = info_.generation;
-  mine.counter = 1;
-  mine.mount_ns = RealtimeNs();
-  auto host = HostName(opts_);
-  std::strncpy(mine.host, host->c_str(), sizeof(mine.host) - 1);
-  mine.state = kSlotMounted;  // the heartbeat rewrites the block from this copy
-  hb_counter_ = 1;
-  slot_block_ = mine;
-  return WriteSlotState(slot, kSlotMounted, &mine);
-}
+// Recovery of a dead node (run by the lock master while the dead node's locks are
+// still held, so nobody else touches what it may have changed).
 
 Status Filesystem::RecoverSlot(uint32_t slot) {
-  auto j = Journal::Open(dev_.get(), g_, uuid_, slot, 0);
+  auto j = Journal::Open(io_, g_, uuid_, slot, 0);
   if (!j.ok()) return j.status();
   auto r = (*j)->Replay();
   if (!r.ok()) return r.status();
+  std::lock_guard<std::mutex> g(info_mu_);
   info_.replayed_transactions += r->transactions;
+  info_.recoveries++;
+  janitor_work_++;
+  janitor_cv_.notify_all();
+  spdlog::warn("node slot {} died: replayed {} transactions of its journal", slot,
+               r->transactions);
   return Status::Ok();
-}
-
-void Filesystem::HeartbeatLoop() {
-  uint32_t interval = opts_.heartbeat_ms_override ? opts_.heartbeat_ms_override
-                                                  : sb_.heartbeat_interval_ms;
-  std::unique_lock<std::mutex> lk(hb_mu_);
-  while (!hb_stop_) {
-    hb_cv_.wait_for(lk, std::chrono::milliseconds(interval));
-    if (hb_stop_) break;
-    slot_block_.counter = ++hb_counter_;
-    SlotBlock s = slot_block_;
-    lk.unlock();
-    AlignedBuffer b(kBlockSize);
-    uint64_t blk = g_.SlotBlock(info_.slot, kSlotHeartbeat);
-    std::memcpy(b.data(), &s, kBlockSize);
-    InitHeader(b.data(), BlockType::kSlot, blk, uuid_);
-    SealBlock(b.data());
-    Status st = dev_->Write(blk * kBlockSize, b.data(), kBlockSize);
-    if (!st.ok()) spdlog::error("heartbeat write failed: {}", st.ToString());
-    lk.lock();
-  }
 }
 
 // ------------------------------------------------------------------------------
@@ -316,9 +360,12 @@ std::shared_ptr<Filesystem::InodeState> Filesystem::State(uint64_t ino) {
   return sp;
 }
 
-void Filesystem::AddRef(uint64_t ino, uint64_t n) {
+void Filesystem::AddRef(uint64_t ino, uint64_t generation, uint64_t n) {
   std::lock_guard<std::mutex> g(states_mu_);
-  refs_[ino].lookups += n;
+  Refs& r = refs_[ino];
+  r.lookups += n;
+  // A reused number: the kernel drops its old inode on seeing the new generation.
+  r.generation = generation;
 }
 
 bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
@@ -345,6 +392,9 @@ void Filesystem::Forget(uint64_t ino, uint64_t n) {
 }
 
 Status Filesystem::Open(uint64_t ino, int, const Caller&) {
+  Gate gate(this, LockMode::kShared);
+  AGFS_RETURN_IF_ERROR(gate.status());
+  AGFS_RETURN_IF_ERROR(CheckKnown(ino));
   std::lock_guard<std::mutex> g(states_mu_);
   refs_[ino].opens++;
   return Status::Ok();
@@ -428,6 +478,8 @@ Status Filesystem::FreeInode(uint32_t orphan_slot, uint64_t ino) {
 
 void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   if (!store_ || !store_->failed().ok()) return;
+  Gate gate(this, LockMode::kExclusive);
+  if (!gate.status().ok()) return;
   {
     auto h = store_->Begin(true);
     auto ir = RIno(*h, g_, ino);
@@ -474,15 +526,72 @@ Status Filesystem::FreeOrphans(uint32_t slot, bool only_unreferenced) {
     AGFS_RETURN_IF_ERROR(FreeInode(slot, ino));
     freed++;
   }
+  std::lock_guard<std::mutex> g(info_mu_);
   info_.orphans_freed += freed;
   return Status::Ok();
+}
+
+Status Filesystem::AdoptOrphans() {
+  Gate gate(this, LockMode::kExclusive);
+  AGFS_RETURN_IF_ERROR(gate.status());
+  bool adopted = false;
+  for (uint32_t s = 0; s < g_.node_slots; s++) {
+    if (s == info_.slot) continue;
+    // Nobody else writes a slot's orphan list while we hold the lock, and a node that
+    // claims a free slot empties its list only under the lock, after its claim: so a
+    // slot seen free here may be emptied by us, and one seen claimed is left alone.
+    AlignedBuffer b(kBlockSize);
+    uint64_t hb = g_.SlotBlock(s, kSlotHeartbeat);
+    AGFS_RETURN_IF_ERROR(dev_->Read(hb * kBlockSize, b.data(), kBlockSize));
+    if (!VerifyBlock(b.data(), BlockType::kSlot, hb, uuid_).ok()) continue;
+    if (reinterpret_cast<const SlotBlock*>(b.data())->state != kSlotFree) continue;
+    std::vector<uint64_t> inos;
+    {
+      auto h = store_->Begin(true);
+      for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
+        uint64_t blk = g_.SlotBlock(s, kSlotOrphan + i);
+        auto r = h->ReadAs<OrphanBlock>(blk, BlockType::kOrphan, MakeLockId(LockKind::kSlot, s));
+        if (!r.ok()) return r.status();
+        uint32_t n = std::min<uint32_t>((*r)->count, kOrphansPerBlock);
+        for (uint32_t k = 0; k < n; k++) inos.push_back((*r)->ino[k]);
+      }
+    }
+    for (uint64_t ino : inos) {
+      auto h = store_->Begin(false, 8);
+      AGFS_RETURN_IF_ERROR(AddOrphan(*h, ino));
+      AGFS_RETURN_IF_ERROR(RemoveOrphan(*h, s, ino));
+      adopted = true;
+    }
+    if (!inos.empty()) {
+      spdlog::info("adopted {} orphan inodes of free node slot {}", inos.size(), s);
+    }
+  }
+  if (!adopted) return Status::Ok();
+  return FreeOrphans(info_.slot, true);
+}
+
+void Filesystem::JanitorLoop() {
+  std::unique_lock<std::mutex> lk(info_mu_);
+  for (;;) {
+    janitor_cv_.wait(lk, [&] { return janitor_stop_ || janitor_work_ > 0; });
+    if (janitor_stop_) return;
+    janitor_work_ = 0;
+    lk.unlock();
+    // The gate waits until the master reopened grants, i.e. the slot is recovered.
+    Status st = AdoptOrphans();
+    if (!st.ok()) spdlog::error("adopting orphans of a recovered node: {}", st.ToString());
+    lk.lock();
+  }
 }
 
 // ------------------------------------------------------------------------------
 // Attributes
 
 Result<Attr> Filesystem::GetAttr(uint64_t ino) {
+  Gate gate(this, LockMode::kShared);
+  AGFS_RETURN_IF_ERROR(gate.status());
   auto h = store_->Begin(true);
+  AGFS_RETURN_IF_ERROR(CheckKnown(*h, ino));
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
   if ((*ir)->nlink == 0 && !((*ir)->flags & kInodeFlagOrphan)) {
@@ -492,6 +601,10 @@ Result<Attr> Filesystem::GetAttr(uint64_t ino) {
 }
 
 Result<FsStat> Filesystem::StatFs() {
+  Gate gate(this, LockMode::kShared);
+  AGFS_RETURN_IF_ERROR(gate.status());
+  // The counts are read again after the lock came back from another node.
+  { auto h = store_->Begin(true); }
   FsStat s;
   s.blocks = store_->TotalDataBlocks();
   s.bfree = store_->FreeBlocks();
@@ -501,6 +614,10 @@ Result<FsStat> Filesystem::StatFs() {
   return s;
 }
 
-Status Filesystem::SyncAll() { return store_->Commit(); }
+Status Filesystem::SyncAll() {
+  Gate gate(this, LockMode::kShared);
+  AGFS_RETURN_IF_ERROR(gate.status());
+  return store_->Commit();
+}
 
 }  // namespace agorafs

@@ -19,10 +19,24 @@
 // checks what the kernel does not: ownership for chown/chmod/utimes in SetAttr,
 // sticky directories, xattr namespaces, and it clears suid/sgid where POSIX says.
 //
+// Cluster: Mount joins the cluster (Membership: a node slot as a disk lease) and
+// starts the lock service. Every public method first takes the filesystem lock
+// through a Gate: shared to read, exclusive to change anything. A node holding it
+// exclusive lets all its own threads in at once; another node asking for it makes
+// this node commit its journal, write every cached block home and drop its cache
+// (MetaStore::DropAll) before the lock moves (see docs/DESIGN.md, "Multi-node
+// mount"). Every write to the device passes Membership's lease guard. When a node
+// dies, the lock master replays its journal before anyone gets the lock again.
+//
+// Stale inode numbers: the kernel names inodes by number; another node may free an
+// inode and its block be reused. Every inode number the kernel holds is remembered
+// with the generation handed out for it; a call naming an inode whose generation
+// changed (or that was freed) answers kStale (ESTALE) and touches nothing.
+//
 // Thread-safety: every public method may be called concurrently from FUSE worker
 // threads. Metadata is serialised by MetaStore's handle mutex; data I/O on one inode
 // is serialised against truncate by a per-inode reader/writer lock (lock order:
-// inode io lock, then MetaStore handle).
+// filesystem gate, inode io lock, MetaStore handle).
 #pragma once
 
 #include <sys/stat.h>
@@ -40,6 +54,8 @@
 #include <vector>
 
 #include "cache/meta_store.h"
+#include "cluster/lock_service.h"
+#include "cluster/membership.h"
 #include "device/block_device.h"
 #include "format/format.h"
 #include "journal/journal.h"
@@ -99,7 +115,12 @@ struct MountOptions {
   StoreOptions store;
   bool direct_io_device = true;       // O_DIRECT on the device
   std::string host;                   // for the slot; default gethostname()
-  uint32_t heartbeat_ms_override = 0;  // tests
+  // Cluster timings; zero fields take the superblock's values (tests shorten them).
+  uint32_t heartbeat_ms_override = 0;
+  uint32_t io_timeout_ms_override = 0;
+  uint32_t dead_after_ms_override = 0;
+  uint32_t poll_ms = 5;     // message ring polling when the network channel is silent
+  std::string net_bind;     // "ip:port" for the network hint channel; empty = disk only
 };
 
 struct FsInfo {
@@ -107,13 +128,17 @@ struct FsInfo {
   uint64_t generation = 0;
   uint64_t replayed_transactions = 0;
   uint64_t orphans_freed = 0;
+  uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
+  uint64_t lock_transfers_in = 0;  // filesystem lock acquisitions after losing it
+  uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
 };
 
 class Filesystem {
  public:
-  // Opens the filesystem on `dev`: reads the superblock, claims a node slot (refusing
-  // when another live node has the device mounted), replays journals of slots left
-  // mounted by crashed nodes, frees their orphans, and starts the heartbeat.
+  // Opens the filesystem on `dev`: reads the superblock, joins the cluster (claims a
+  // node slot), starts the lock service, takes the filesystem lock (waiting while a
+  // dead node is being recovered), replays this slot's journal and frees the orphans
+  // its previous owner left.
   static Result<std::unique_ptr<Filesystem>> Mount(std::unique_ptr<BlockDevice> dev,
                                                    const MountOptions& opts);
   ~Filesystem();
@@ -122,13 +147,15 @@ class Filesystem {
 
   uint64_t root_ino() const { return sb_.root_ino; }
   const Superblock& super() const { return sb_; }
-  FsInfo info() const { return info_; }
+  FsInfo info() const;
   MetaStore* store() { return store_.get(); }
+  LockService* lock_service() { return lsvc_.get(); }
+  Membership* membership() { return member_.get(); }
   // Non-OK once the node stopped writing (journal I/O error).
   Status health() const { return store_->failed(); }
 
-  // Kernel references.
-  void AddRef(uint64_t ino, uint64_t n = 1);
+  // Kernel references. `generation` is the one handed to the kernel with the entry.
+  void AddRef(uint64_t ino, uint64_t generation, uint64_t n = 1);
   void Forget(uint64_t ino, uint64_t n);
   Status Open(uint64_t ino, int flags, const Caller& c);
   void Release(uint64_t ino);
@@ -151,7 +178,10 @@ class Filesystem {
 
   // Reads up to len bytes at off into buf; returns bytes read (short at EOF).
   Result<size_t> Read(uint64_t ino, uint64_t off, size_t len, char* buf);
-  Result<size_t> Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf, size_t len);
+  // With `append`, `off` is ignored and the data goes at the end of file as it is on
+  // disk now (O_APPEND writers on several nodes never overwrite each other).
+  Result<size_t> Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf, size_t len,
+                       bool append = false);
   Status Fsync(uint64_t ino, bool datasync);
   Status SyncAll();
   // mode: 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE,
@@ -189,9 +219,33 @@ class Filesystem {
   struct Refs {
     uint64_t lookups = 0;
     uint64_t opens = 0;
+    uint64_t generation = 0;  // as handed to the kernel (0: unknown, not checked)
   };
 
+ public:
+  // The filesystem lock, taken by every public method (see the header comment).
+  // Nested gates on one thread cost nothing; asking for exclusive while the thread
+  // holds only shared is refused (it could deadlock).
+  class Gate {
+   public:
+    Gate(Filesystem* fs, LockMode mode);
+    ~Gate();
+    Gate(const Gate&) = delete;
+    Gate& operator=(const Gate&) = delete;
+    const Status& status() const { return st_; }
+
+   private:
+    Filesystem* fs_;
+    LockMode prev_ = LockMode::kNone;
+    bool pinned_ = false;
+    Status st_;
+  };
+
+ private:
   Filesystem() = default;
+  // After a Gate: kStale when the kernel's inode `ino` no longer exists as it knew it.
+  Status CheckKnown(MetaStore::Handle& h, uint64_t ino);
+  Status CheckKnown(uint64_t ino);
   std::shared_ptr<InodeState> State(uint64_t ino);
   void MaybeFreeOrphan(uint64_t ino);
 
@@ -201,8 +255,11 @@ class Filesystem {
   Superblock sb_{};
   Geometry g_{};
   Uuid uuid_{};
-  std::unique_ptr<BlockDevice> dev_;
-  std::unique_ptr<LocalLockManager> locks_;
+  std::unique_ptr<BlockDevice> dev_;   // the raw device (reads, superblock)
+  BlockDevice* io_ = nullptr;          // every write: through the lease guard
+  std::unique_ptr<Membership> member_;
+  std::unique_ptr<LockService> lsvc_;
+  std::unique_ptr<LockManager> locks_;  // what MetaStore checks: the gate
   std::unique_ptr<Journal> journal_;
   std::unique_ptr<MetaStore> store_;
   FsInfo info_;
@@ -213,20 +270,17 @@ class Filesystem {
   std::unordered_map<uint64_t, Refs> refs_;                          // GUARDED_BY(states_mu_)
   std::unordered_map<uint64_t, std::weak_ptr<InodeState>> states_;  // GUARDED_BY(states_mu_)
 
-  // Node slot and heartbeat (filesystem.cc).
-  std::vector<uint32_t> recovered_;  // crashed slots replayed at mount
-  SlotBlock slot_block_{};
-  std::thread hb_thread_;
-  std::mutex hb_mu_;
-  std::condition_variable hb_cv_;
-  bool hb_stop_ = false;
+  // Cluster (filesystem.cc).
   bool unmounted_ = false;
-  uint64_t hb_counter_ = 0;
-  Result<SlotBlock> ReadSlot(uint32_t slot);
-  Status WriteSlotState(uint32_t slot, uint32_t state, const SlotBlock* base);
-  Status ClaimSlot();
+  mutable std::mutex info_mu_;
+  bool lost_lock_ = false;  // the filesystem lock was given up since last held
+  // Janitor: adopts the orphans of recovered nodes once the lock is granted again.
+  std::thread janitor_;
+  std::condition_variable janitor_cv_;
+  bool janitor_stop_ = false;
+  uint64_t janitor_work_ = 0;  // recoveries not yet followed by an adoption
   Status RecoverSlot(uint32_t slot);
-  void HeartbeatLoop();
+  Status OnRevoke(LockMode to);
 
   // References and orphans (filesystem.cc).
   bool DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens);  // true: no refs left
@@ -235,6 +289,10 @@ class Filesystem {
   Status RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino);
   Status FreeInode(uint32_t orphan_slot, uint64_t ino);
   Status FreeOrphans(uint32_t slot, bool only_unreferenced);
+  // Moves the orphans of every slot nobody owns (free: its node left or was recovered)
+  // onto this node's list and frees those not referenced here.
+  Status AdoptOrphans();
+  void JanitorLoop();
 
   // Data (data.cc).
   // Unmaps every block at or past new_size, in bounded transactions; the inode is on
@@ -248,7 +306,7 @@ class Filesystem {
   Result<Attr> CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
                               uint32_t mode, uint64_t rdev, std::string_view symlink_target);
   Result<size_t> WriteOnce(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
-                           size_t len);
+                           size_t len, bool append);
   Status FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len);
   uint64_t NextGeneration() { return next_gen_++; }
 };

@@ -1,6 +1,8 @@
 // Helpers shared by the filesystem core's source files (not a public API).
 #pragma once
 
+#include <initializer_list>
+
 #include "cache/meta_txn.h"
 #include "format/format.h"
 #include "fs/filesystem.h"
@@ -18,6 +20,34 @@ inline constexpr uint64_t kMaxFileSize = (1ull << 51) * kBlockSize - 1;
 
 // kNameTooLong / kInvalid for names no directory may hold.
 Status CheckName(std::string_view name);
+
+// Takes the filesystem lock for the rest of the scope (Filesystem::Gate) in mode
+// Shared or Exclusive, then checks that each inode number named is still the inode
+// the kernel knows (kStaleInode otherwise). Only inside Filesystem methods.
+#define AGFS_GATE(mode, ...)                                                  \
+  Filesystem::Gate agfs_gate_(this, LockMode::k##mode);                       \
+  AGFS_RETURN_IF_ERROR(agfs_gate_.status());                                  \
+  for (uint64_t agfs_ino_ : std::initializer_list<uint64_t>{__VA_ARGS__}) {   \
+    AGFS_RETURN_IF_ERROR(CheckKnown(agfs_ino_));                              \
+  }
+
+// After a change of file data: mtime and ctime become `now`, but mtime always moves
+// forward, also when this node's clock is behind the one that wrote last: other
+// nodes' kernels compare mtime (and size) to decide that their cached pages are stale.
+inline void TouchData(InodeBlock* I, Timespec64 now) {
+  Timespec64 after = I->mtime;
+  if (++after.nsec >= 1000000000) {
+    after.nsec = 0;
+    after.sec++;
+  }
+  bool later = now.sec > after.sec || (now.sec == after.sec && now.nsec >= after.nsec);
+  I->mtime = later ? now : after;
+  I->ctime = now;
+}
+
+// True when this thread's gates allow metadata writes (the node holds the lock
+// exclusively).
+bool GateAllowsWrite();
 
 inline const Status& StatusOf(const Status& s) { return s; }
 template <typename T>

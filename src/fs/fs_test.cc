@@ -46,6 +46,8 @@ class FsTest : public ::testing::Test {
     MountOptions o;
     o.store.background = false;
     o.heartbeat_ms_override = 50;
+    o.io_timeout_ms_override = 200;
+    o.dead_after_ms_override = 500;
     auto r = Filesystem::Mount(std::move(fault), o);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     fs_ = std::move(r).value();
@@ -360,10 +362,57 @@ TEST_F(FsTest, HeartbeatKeepsTheSlotMarkedMounted) {
   const auto* slot = reinterpret_cast<const SlotBlock*>(b.data());
   EXPECT_EQ(slot->state, uint32_t(kSlotMounted));
   EXPECT_GT(slot->counter, 2u);
-  // A second mount of the same device is refused while this one lives.
-  auto second = Filesystem::Mount(std::make_unique<FaultDevice>(mem_), MountOptions{});
-  ASSERT_FALSE(second.ok());
-  EXPECT_TRUE(second.status().Is(Code::kBusy)) << second.status().ToString();
+}
+
+// Two nodes in one process on one device: each sees the other's changes at once, the
+// filesystem lock moves between them, and their slots differ.
+TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
+  MountOptions o;
+  o.store.background = false;
+  o.heartbeat_ms_override = 50;
+  o.io_timeout_ms_override = 200;
+  o.dead_after_ms_override = 500;
+  o.host = "second";
+  auto r = Filesystem::Mount(std::make_unique<FaultDevice>(mem_), o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  std::unique_ptr<Filesystem> b = std::move(r).value();
+  EXPECT_NE(b->info().slot, fs_->info().slot);
+
+  uint64_t f = Create(Root(), "shared");
+  WriteAt(f, 0, "from A");
+  auto la = b->Lookup(b->root_ino(), "shared");
+  ASSERT_TRUE(la.ok()) << la.status().ToString();
+  EXPECT_EQ(la->ino, f);
+  std::string got(6, '\0');
+  auto rr = b->Read(f, 0, 6, got.data());
+  ASSERT_TRUE(rr.ok()) << rr.status().ToString();
+  EXPECT_EQ(got, "from A");
+
+  // B changes; A sees it.
+  auto w = b->Write(caller_, f, 0, "FROM B, longer", 14);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  auto d = b->Mkdir(caller_, b->root_ino(), "dir-b", 0755);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(ReadAll(f), "FROM B, longer");
+  EXPECT_EQ(List(Root()), (std::set<std::string>{".", "..", "shared", "dir-b"}));
+  EXPECT_GE(fs_->info().lock_revokes + b->info().lock_revokes, 2u);
+
+  // A deletes the file while B's kernel still knows the inode number: B gets ESTALE
+  // (never another file's data) once the inode is gone.
+  b->AddRef(f, la->generation);
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "shared").ok());
+  auto gone = b->GetAttr(f);
+  ASSERT_FALSE(gone.ok()) << gone->nlink << " gen " << gone->generation << " vs " << la->generation;
+  EXPECT_TRUE(gone.status().Is(Code::kStaleInode)) << gone.status().ToString();
+  b->Forget(f, 1);
+
+  // Space accounting agrees on both nodes.
+  EXPECT_EQ(fs_->StatFs()->bfree, b->StatFs()->bfree);
+  ASSERT_TRUE(b->Unmount().ok());
+  // A goes on alone after B left.
+  uint64_t g2 = Create(Root(), "after");
+  WriteAt(g2, 0, "alone");
+  EXPECT_EQ(ReadAll(g2), "alone");
 }
 
 }  // namespace

@@ -37,6 +37,7 @@ static Result<InodeBlock*> WDir(MetaTxn& h, const Geometry& g, uint64_t ino) {
 }
 
 Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name) {
+  AGFS_GATE(Shared, parent);
   AGFS_RETURN_IF_ERROR(CheckName(name));
   auto h = store_->Begin(true);
   auto pr = RIno(*h, g_, parent);
@@ -61,6 +62,7 @@ Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name) {
 Result<Attr> Filesystem::CreateNode(const Caller& c, uint64_t parent, std::string_view name,
                                     uint32_t mode, uint64_t rdev,
                                     std::string_view symlink_target) {
+  AGFS_GATE(Exclusive, parent);
   return RetryOnNoSpace(store_.get(), [&] {
     return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
   });
@@ -156,6 +158,7 @@ Result<Attr> Filesystem::Symlink(const Caller& c, uint64_t parent, std::string_v
 }
 
 Result<std::string> Filesystem::Readlink(uint64_t ino) {
+  AGFS_GATE(Shared, ino);
   uint64_t size;
   {
     auto h = store_->Begin(true);
@@ -202,6 +205,7 @@ static Result<Victim> OpenVictim(MetaTxn& h, const Geometry& g, uint64_t parent,
 }
 
 Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view name) {
+  AGFS_GATE(Exclusive, parent);
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kIsDir, "cannot unlink . or ..");
   uint64_t ino;
@@ -231,6 +235,7 @@ Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view nam
 }
 
 Status Filesystem::Rmdir(const Caller& c, uint64_t parent, std::string_view name) {
+  AGFS_GATE(Exclusive, parent);
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (name == ".") return Err(Code::kInvalid, "cannot remove .");
   if (name == "..") return Err(Code::kNotEmpty, "cannot remove ..");
@@ -264,6 +269,7 @@ Status Filesystem::Rmdir(const Caller& c, uint64_t parent, std::string_view name
 
 Result<Attr> Filesystem::Link(const Caller& c, uint64_t ino, uint64_t newparent,
                               std::string_view newname) {
+  AGFS_GATE(Exclusive, ino, newparent);
   (void)c;
   AGFS_RETURN_IF_ERROR(CheckName(newname));
   if (IsDotName(newname)) return Err(Code::kExists, "name exists");
@@ -303,6 +309,7 @@ static Result<bool> IsBelow(MetaTxn& h, const Geometry& g, uint64_t root, uint64
 
 Status Filesystem::Rename(const Caller& c, uint64_t p1, std::string_view n1, uint64_t p2,
                           std::string_view n2, unsigned flags) {
+  AGFS_GATE(Exclusive, p1, p2);
   AGFS_RETURN_IF_ERROR(CheckName(n1));
   AGFS_RETURN_IF_ERROR(CheckName(n2));
   if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return Err(Code::kInvalid, "rename flags");
@@ -411,6 +418,7 @@ Status Filesystem::Rename(const Caller& c, uint64_t p1, std::string_view n1, uin
 
 Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool with_attrs,
                            const std::function<bool(const DirEntryOut&)>& fn) {
+  AGFS_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
@@ -441,6 +449,7 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool with_attrs,
 }
 
 Result<Attr> Filesystem::SetAttr(const Caller& c, uint64_t ino, const SetAttrRequest& r) {
+  AGFS_GATE(Exclusive, ino);
   if (r.size) {
     {
       auto h = store_->Begin(true);

@@ -79,6 +79,7 @@ static Status EditXattrs(MetaStore* store, const Geometry& g, const Caller& c, u
 
 Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name,
                             std::string_view value, int flags) {
+  AGFS_GATE(Exclusive, ino);
   if (value.size() > kXattrBlockSpace) return Err(Code::kNoSpace, "xattr value too large");
   return EditXattrs(store_.get(), g_, c, ino, name,
                     [&](xattr::Entries& list, xattr::Entries::iterator it) -> Status {
@@ -94,6 +95,7 @@ Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name
 }
 
 Result<std::string> Filesystem::GetXattr(const Caller& c, uint64_t ino, std::string_view name) {
+  AGFS_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
@@ -108,6 +110,7 @@ Result<std::string> Filesystem::GetXattr(const Caller& c, uint64_t ino, std::str
 }
 
 Result<std::string> Filesystem::ListXattr(const Caller& c, uint64_t ino) {
+  AGFS_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
@@ -124,6 +127,7 @@ Result<std::string> Filesystem::ListXattr(const Caller& c, uint64_t ino) {
 }
 
 Status Filesystem::RemoveXattr(const Caller& c, uint64_t ino, std::string_view name) {
+  AGFS_GATE(Exclusive, ino);
   return EditXattrs(store_.get(), g_, c, ino, name,
                     [&](xattr::Entries& list, xattr::Entries::iterator it) -> Status {
                       if (it == list.end()) return Err(Code::kNoData, "no such xattr");

@@ -56,6 +56,8 @@ class FsckTest : public ::testing::Test {
     MountOptions o;
     o.store.background = false;
     o.heartbeat_ms_override = 50;
+    o.io_timeout_ms_override = 200;
+    o.dead_after_ms_override = 500;
     o.host = "testhost";
     auto fd = std::make_unique<FaultDevice>(mem_.get());
     fault_ = fd.get();

@@ -39,6 +39,7 @@ inline int ToErrno(const Status& s) {
     case Code::kNoAddress: return ENXIO;
     case Code::kStale: return EIO;
     case Code::kAborted: return EIO;
+    case Code::kStaleInode: return ESTALE;
   }
   return EIO;
 }

@@ -72,7 +72,7 @@ void ReplyEntry(fuse_req_t req, const Result<Attr>& r) {
   FillEntry(fs, *r, &e);
   e.attr_timeout = C(req)->opts.attr_timeout;
   e.entry_timeout = C(req)->opts.entry_timeout;
-  fs->AddRef(r->ino);
+  fs->AddRef(r->ino, r->generation);
   if (fuse_reply_entry(req, &e) != 0) fs->Forget(r->ino, 1);
 }
 
@@ -97,6 +97,9 @@ void OpInit(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
   // Kernel writeback caching would hide writes from other nodes; not used.
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  // Cached pages are dropped when a getattr shows another mtime or size (every read
+  // asks, since attributes are not cached): how other nodes' writes become visible.
+  if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
 }
 
 void OpDestroy(void* userdata) {
@@ -108,8 +111,8 @@ void OpDestroy(void* userdata) {
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   auto r = F(req)->Lookup(ToFs(req, parent), name);
   if (!r.ok() && r.status().Is(Code::kNotFound)) {
-    // A negative entry: the kernel remembers the name is absent (this node is the only
-    // writer; the cluster layer will invalidate entries explicitly).
+    // A negative entry, remembered for entry_timeout (0 by default: another node may
+    // create the name at any time).
     fuse_entry_param e;
     std::memset(&e, 0, sizeof(e));
     e.entry_timeout = C(req)->opts.entry_timeout;
@@ -192,11 +195,16 @@ void OpLink(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* ne
 }
 
 void SetOpenFlags(fuse_req_t req, fuse_file_info* fi) {
-  fi->keep_cache = 1;
+  // Pages cached before this open may be another node's old data: drop them.
+  fi->keep_cache = 0;
   if (fi->flags & O_DIRECT) {
     fi->direct_io = 1;
     fi->keep_cache = 0;
   }
+  // O_APPEND: through the page cache the kernel may split one write(2) into several
+  // requests, and each would be appended on its own, possibly after another node's
+  // record. Direct I/O sends each write of up to max_write (1 MiB) as one request.
+  if (fi->flags & O_APPEND) fi->direct_io = 1;
   (void)req;
 }
 
@@ -233,7 +241,7 @@ void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   e.attr_timeout = C(req)->opts.attr_timeout;
   e.entry_timeout = C(req)->opts.entry_timeout;
   SetOpenFlags(req, fi);
-  fs->AddRef(r->ino);
+  fs->AddRef(r->ino, r->generation);
   if (fuse_reply_create(req, &e, fi) != 0) {
     fs->Release(r->ino);
     fs->Forget(r->ino, 1);
@@ -250,9 +258,13 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
 }
 
 void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off,
-             fuse_file_info*) {
+             fuse_file_info* fi) {
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
-  auto r = F(req)->Write(CallerOf(req), ToFs(req, ino), static_cast<uint64_t>(off), data, size);
+  // The kernel placed an O_APPEND write at its cached size, which another node may
+  // have moved: the filesystem appends at the true end instead.
+  bool append = fi && (fi->flags & O_APPEND);
+  auto r = F(req)->Write(CallerOf(req), ToFs(req, ino), static_cast<uint64_t>(off), data, size,
+                         append);
   if (!r.ok()) return ReplyErr(req, r.status());
   fuse_reply_write(req, *r);
 }
@@ -323,7 +335,7 @@ void DoReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus
       return false;
     }
     if (ref) {
-      fs->AddRef(e.ino);
+      fs->AddRef(e.ino, e.has_attr ? e.attr.generation : 0);
       group_refs.push_back(e.ino);
     }
     used += n;

@@ -5,9 +5,12 @@
 // counts exactly: every reply that hands the kernel an entry adds a reference
 // (Filesystem::AddRef), every forget drops them.
 //
-// Caching: the kernel may cache attributes and entries for `attr_timeout` seconds and
-// keeps file pages across opens. In a single-node mount this node is the only writer,
-// so long timeouts are safe; the cluster layer will invalidate explicitly.
+// Caching: other nodes change the filesystem at any time, so by default the kernel
+// caches no attributes and no entries (every stat and path walk asks the daemon,
+// which answers from its own cache while it holds the filesystem lock). File pages
+// are cached but dropped at every open, and (FUSE_CAP_AUTO_INVAL_DATA) whenever the
+// getattr that precedes each read shows another mtime or size; Filesystem makes
+// mtime move forward on every data change. `attr_timeout=` trades this for speed.
 //
 // Thread-safety: handlers run concurrently on libfuse's worker threads; Filesystem is
 // thread-safe.
@@ -25,8 +28,8 @@ struct FuseOptions {
   std::string fsname;              // shown in /proc/mounts
   bool allow_other = false;
   bool foreground = true;          // the CLI daemonises before calling RunFuse
-  double attr_timeout = 3600.0;
-  double entry_timeout = 3600.0;
+  double attr_timeout = 0.0;
+  double entry_timeout = 0.0;
   unsigned max_threads = 8;        // each keeps a 1 MiB request buffer
   std::vector<std::string> extra;  // extra -o options passed to libfuse
   int ready_fd = -1;               // written "0\n" once mounted, then closed

@@ -34,6 +34,7 @@ const char* CodeName(Code c) {
     case Code::kNoAddress: return "NoAddress";
     case Code::kStale: return "Stale";
     case Code::kAborted: return "Aborted";
+    case Code::kStaleInode: return "StaleInode";
   }
   return "Unknown";
 }

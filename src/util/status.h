@@ -48,6 +48,7 @@ enum class Code : int {
   kNoAddress,     // ENXIO (lseek past the end for SEEK_DATA/SEEK_HOLE)
   kStale,         // EIO: an agreement instance this node worked on is already decided
   kAborted,       // EIO: the service is stopping
+  kStaleInode,    // ESTALE: the inode the caller names was deleted (on another node)
 };
 
 const char* CodeName(Code c);

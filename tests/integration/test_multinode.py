@@ -1,0 +1,430 @@
+"""Multi-node mounts: several real `agorafs mount` daemons on one image, each with its
+own mount point. Every case runs twice: the daemons open the image file directly, and
+each daemon reaches the disk through its own nbdkit server from its own network
+namespace that holds nothing but loopback (no network between nodes at all).
+
+What is checked: every operation's effect is visible on the other nodes as soon as
+the call returns; O_APPEND records from three nodes all land whole; a node killed
+with SIGKILL during a metadata-heavy workload (ten rounds) loses nothing it fsync'ed
+and the others go on; one node mounting and unmounting over and over does not
+disturb two others at work; fsck is clean afterwards."""
+import hashlib
+import mmap
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import agfs
+import nbdnet
+
+CRASH_ROUNDS = int(os.environ.get("AGORAFS_MULTINODE_CRASH_ROUNDS", "10"))
+
+
+class MountRig:
+    """One image, `count` node seats; seat i mounts at <scratch>/mnt<i>."""
+
+    def __init__(self, count, via_nbd, size="256M"):
+        self.scratch = agfs.Scratch(size=size, nodes=8, profile="fast")
+        self.via_nbd = via_nbd
+        self.count = count
+        self.servers, self.namespaces = [], []
+        self.mps = [os.path.join(self.scratch.dir, f"mnt{i}") for i in range(count)]
+        for mp in self.mps:
+            os.makedirs(mp, exist_ok=True)
+        try:
+            if via_nbd:
+                for i in range(count):
+                    d = self.scratch.dir
+                    self.servers.append(nbdnet.NbdServer(self.scratch.image,
+                                                         os.path.join(d, f"nbd{i}.sock")))
+                    self.namespaces.append(nbdnet.NetNamespace(f"agfsm{os.getpid()}n{i}"))
+        except BaseException:
+            self.close()
+            raise
+
+    def device(self, i):
+        return self.servers[i].uri if self.via_nbd else self.scratch.image
+
+    def mount(self, i):
+        argv = [agfs.BIN, "mount", self.device(i), self.mps[i]]
+        if self.via_nbd:
+            argv = self.namespaces[i].cmd(argv)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if p.returncode != 0 or not agfs.is_mounted(self.mps[i]):
+            raise AssertionError(f"mount of node {i} failed: {p.stderr}{p.stdout}")
+        if self.via_nbd:
+            pid = self.pid(i)
+            assert nbdnet.netns_of_pid(pid) == self.namespaces[i].ident(), \
+                "the daemon is not in its node's namespace"
+        return self.mps[i]
+
+    def pid(self, i):
+        mp = os.fsencode(self.mps[i])
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"agorafs") and b"mount" in argv and mp in argv:
+                return int(pid)
+        return None
+
+    def wait_gone(self, pid, timeout=30):
+        deadline = time.time() + timeout
+        while pid and os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+            time.sleep(0.05)
+        return not (pid and os.path.exists(f"/proc/{pid}"))
+
+    def unmount(self, i):
+        pid = self.pid(i)
+        agfs.umount(self.mps[i])
+        if not self.wait_gone(pid):
+            raise AssertionError(f"daemon of node {i} did not exit after umount")
+
+    def kill9(self, i):
+        pid = self.pid(i)
+        os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", self.mps[i]], capture_output=True)
+        self.wait_gone(pid, 10)
+
+    def close(self):
+        for i in range(self.count):
+            if agfs.is_mounted(self.mps[i]):
+                agfs.umount(self.mps[i])
+            pid = self.pid(i)
+            if pid and not self.wait_gone(pid, 15):
+                os.kill(pid, signal.SIGKILL)
+        for s in self.servers:
+            s.stop()
+        for ns in self.namespaces:
+            ns.delete()
+        self.scratch.cleanup()
+
+
+def read(path, mode="rb"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def write(path, data, flags="wb"):
+    with open(path, flags) as f:
+        f.write(data)
+
+
+# A workload for one node: creates, renames, writes, unlinks in its own directory and
+# records every file whose fsync (and its directory's fsync) returned, with a digest of
+# its content, in a log outside the filesystem. Runs until killed or the mount goes.
+WORKLOAD = r"""
+import hashlib, os, sys
+mnt, sub, log, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+root = os.path.join(mnt, sub)
+os.makedirs(root, exist_ok=True)
+out = open(log, "a", buffering=1)
+i = 0
+try:
+    while True:
+        name = os.path.join(root, f"f{seed}-{i}")
+        data = os.urandom(100 + (i * 7919) % 20000)
+        with open(name + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(name + ".tmp", name)
+        d = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(d)
+        os.close(d)
+        out.write(f"{os.path.relpath(name, mnt)} {hashlib.sha256(data).hexdigest()}\n")
+        if i % 3 == 0:
+            os.mkdir(name + ".d")
+            open(os.path.join(name + ".d", "x"), "w").write("x")
+        if i % 5 == 4:
+            os.unlink(os.path.join(root, f"f{seed}-{i - 4}.d", "x"))
+            os.rmdir(os.path.join(root, f"f{seed}-{i - 4}.d")) if (i - 4) % 3 == 0 else None
+        i += 1
+except OSError:
+    pass
+"""
+
+
+class MultiNodeCases:
+    via_nbd = False
+
+    def rig(self, count=3):
+        if self.via_nbd:
+            if not nbdnet.have_nbdkit():
+                self.skipTest("nbdkit not installed")
+            ok, why = nbdnet.netns_available()
+            if not ok:
+                self.skipTest(f"network namespaces unavailable: {why}")
+        r = MountRig(count, self.via_nbd)
+        self.addCleanup(r.close)
+        return r
+
+    def assert_fsck_clean(self, r):
+        p = r.scratch.fsck()
+        self.assertEqual(p.returncode, 0, f"fsck not clean:\n{p.stdout}{p.stderr}")
+
+    def test_every_operation_is_visible_at_once_on_three_nodes(self):
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+
+        def on(i, *parts):
+            return os.path.join(mps[i], *parts)
+
+        def everywhere_but(i):
+            return [k for k in range(3) if k != i]
+
+        # create + write, on each node in turn; the others read at once.
+        for i in range(3):
+            data = os.urandom(5000 + i * 100000)
+            write(on(i, f"file{i}"), data)
+            for k in everywhere_but(i):
+                self.assertEqual(read(on(k, f"file{i}")), data, f"node {k} reading node {i}'s file")
+        # overwrite in place and extend
+        with open(on(0, "file1"), "r+b") as f:
+            f.seek(10)
+            f.write(b"OVERWRITE")
+        for k in (1, 2):
+            self.assertEqual(read(on(k, "file1"))[10:19], b"OVERWRITE")
+        # truncate (shrink and grow)
+        os.truncate(on(1, "file2"), 1234)
+        for k in (0, 2):
+            self.assertEqual(os.stat(on(k, "file2")).st_size, 1234)
+        os.truncate(on(2, "file2"), 300000)
+        self.assertEqual(read(on(0, "file2"))[1234:], b"\0" * (300000 - 1234))
+        # mkdir, rename, link, symlink
+        os.mkdir(on(0, "dir"))
+        for k in (1, 2):
+            self.assertTrue(stat.S_ISDIR(os.stat(on(k, "dir")).st_mode))
+        os.rename(on(1, "file0"), on(1, "dir", "moved"))
+        for k in (0, 2):
+            self.assertFalse(os.path.exists(on(k, "file0")))
+            self.assertTrue(os.path.exists(on(k, "dir", "moved")))
+        os.link(on(2, "dir", "moved"), on(2, "hard"))
+        for k in (0, 1):
+            self.assertEqual(os.stat(on(k, "hard")).st_nlink, 2)
+            self.assertEqual(os.stat(on(k, "hard")).st_ino, os.stat(on(k, "dir", "moved")).st_ino)
+        os.symlink("dir/moved", on(0, "sym"))
+        for k in (1, 2):
+            self.assertEqual(os.readlink(on(k, "sym")), "dir/moved")
+        # chmod, chown, utimens
+        os.chmod(on(1, "hard"), 0o640)
+        os.chown(on(2, "hard"), 1234, 5678)
+        os.utime(on(0, "hard"), ns=(1_000_000_123, 2_000_000_456))
+        for k in range(3):
+            st = os.stat(on(k, "dir", "moved"))
+            self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), (0o640, 1234, 5678))
+            self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1_000_000_123, 2_000_000_456))
+        # ctime moves with every change and every node sees the same value
+        ct = {os.stat(on(k, "hard")).st_ctime_ns for k in range(3)}
+        self.assertEqual(len(ct), 1)
+        # xattrs
+        os.setxattr(on(1, "hard"), "user.color", b"blue")
+        for k in (0, 2):
+            self.assertEqual(os.getxattr(on(k, "dir", "moved"), "user.color"), b"blue")
+        os.removexattr(on(2, "hard"), "user.color")
+        with self.assertRaises(OSError):
+            os.getxattr(on(0, "hard"), "user.color")
+        # a name created on one node is found at once where it was absent a moment ago
+        self.assertFalse(os.path.exists(on(2, "late")))
+        write(on(0, "late"), b"now")
+        self.assertEqual(read(on(2, "late")), b"now")
+        # unlink, rmdir
+        os.unlink(on(1, "hard"))
+        os.unlink(on(2, "late"))
+        for k in (0, 1):
+            self.assertFalse(os.path.exists(on(k, "late")))
+        self.assertEqual(os.stat(on(0, "dir", "moved")).st_nlink, 1)
+        os.unlink(on(0, "dir", "moved"))
+        os.rmdir(on(2, "dir"))
+        for k in (0, 1):
+            self.assertFalse(os.path.exists(on(k, "dir")))
+        # listings agree
+        names = [sorted(os.listdir(mps[k])) for k in range(3)]
+        self.assertEqual(names[0], names[1])
+        self.assertEqual(names[0], names[2])
+        # statfs agrees
+        free = {os.statvfs(mps[k]).f_bfree for k in range(3)}
+        self.assertEqual(len(free), 1, free)
+        # O_DIRECT write on one node, buffered and O_DIRECT reads on the others
+        data = os.urandom(1 << 16)
+        wbuf = mmap.mmap(-1, 1 << 16)  # page-aligned, as O_DIRECT wants
+        wbuf.write(data)
+        fd = os.open(on(0, "direct"), os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644)
+        self.assertEqual(os.write(fd, wbuf), 1 << 16)
+        os.close(fd)
+        self.assertEqual(read(on(1, "direct")), data)
+        rbuf = mmap.mmap(-1, 1 << 16)
+        fd = os.open(on(2, "direct"), os.O_RDONLY | os.O_DIRECT)
+        self.assertEqual(os.readv(fd, [rbuf]), 1 << 16)
+        os.close(fd)
+        self.assertEqual(rbuf[:], data)
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_reader_sees_each_new_version_in_an_open_file(self):
+        # A reader that keeps its file open on node 1 sees every write node 0 made
+        # before the read began (cached pages are dropped when mtime moves).
+        r = self.rig(2)
+        a, b = r.mount(0), r.mount(1)
+        write(os.path.join(a, "v"), b"%08d" % 0 * 512)
+        with open(os.path.join(b, "v"), "rb", buffering=0) as rf, \
+                open(os.path.join(a, "v"), "r+b", buffering=0) as wf:
+            for version in range(1, 60):
+                wf.seek(0)
+                wf.write(b"%08d" % version * 512)
+                rf.seek(0)
+                self.assertEqual(rf.read(4096), b"%08d" % version * 512, f"version {version}")
+        r.unmount(0)
+        r.unmount(1)
+        self.assert_fsck_clean(r)
+
+    def test_o_append_records_from_three_nodes_all_land_whole(self):
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+        write(os.path.join(mps[0], "log"), b"")
+        per_node = 150
+
+        def appender(i, errors):
+            try:
+                fd = os.open(os.path.join(mps[i], "log"), os.O_WRONLY | os.O_APPEND)
+                for k in range(per_node):
+                    rec = (f"node{i} record {k:05d} " + "x" * (k % 50) + "\n").encode()
+                    self.assertEqual(os.write(fd, rec), len(rec))
+                os.close(fd)
+            except BaseException as e:  # noqa: B902 (reported below)
+                errors.append(e)
+
+        errors = []
+        threads = [threading.Thread(target=appender, args=(i, errors)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        for k in range(3):
+            lines = read(os.path.join(mps[k], "log")).split(b"\n")
+            self.assertEqual(lines[-1], b"")
+            lines = lines[:-1]
+            self.assertEqual(len(lines), 3 * per_node, f"node {k}")
+            for i in range(3):
+                mine = [ln for ln in lines if ln.startswith(b"node%d " % i)]
+                self.assertEqual([int(ln.split()[2]) for ln in mine], list(range(per_node)),
+                                 b"\n".join(ln for ln in lines if not ln.startswith(b"node") or len(ln.split()) != 4 or ln.split()[1] != b"record")[:2000])
+                for ln in mine:
+                    n = int(ln.split()[2])
+                    self.assertEqual(ln, (f"node{i} record {n:05d} " + "x" * (n % 50)).encode())
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_kill9_during_metadata_work_loses_nothing_synced(self):
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+        logs = []
+        for rnd in range(CRASH_ROUNDS):
+            victim = 2 if rnd % 2 == 0 else 1
+            log = os.path.join(r.scratch.dir, f"synced-{rnd}.log")
+            logs.append(log)
+            w = subprocess.Popen([sys.executable, "-c", WORKLOAD, mps[victim], f"w{rnd}", log,
+                                  str(rnd)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # The survivors work meanwhile.
+            survivors = [k for k in range(3) if k != victim]
+            for j in range(20):
+                write(os.path.join(mps[survivors[j % 2]], f"s{rnd}-{j}"), b"s" * j)
+                time.sleep(0.05)
+            time.sleep(0.5 + 0.1 * (rnd % 5))
+            r.kill9(victim)
+            w.kill()
+            w.wait()
+            # The others go on: they wait for the recovery of the dead node's journal
+            # and then see everything it had fsync'ed.
+            t0 = time.time()
+            for j in range(20):
+                self.assertEqual(read(os.path.join(mps[survivors[0]], f"s{rnd}-{j}")), b"s" * j)
+            write(os.path.join(mps[survivors[1]], f"after{rnd}"), b"after")
+            self.assertLess(time.time() - t0, 60)
+            synced = 0
+            for lg in logs:
+                with open(lg) as f:
+                    for line in f:
+                        rel, digest = line.split()
+                        data = read(os.path.join(mps[survivors[0]], rel))
+                        self.assertEqual(hashlib.sha256(data).hexdigest(), digest,
+                                         f"round {rnd}: {rel} damaged")
+                        synced += 1
+            self.assertGreater(synced, rnd, "the workload synced nothing before the kill")
+            r.mount(victim)
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_mount_unmount_churn_while_two_nodes_work(self):
+        r = self.rig()
+        a, b = r.mount(0), r.mount(1)
+        stop = threading.Event()
+        errors = []
+        counts = [0, 0]
+
+        def worker(i, mp):
+            try:
+                os.makedirs(os.path.join(mp, f"work{i}"), exist_ok=True)
+                n = 0
+                while not stop.is_set():
+                    p = os.path.join(mp, f"work{i}", f"f{n}")
+                    data = (f"{i}:{n}:" + "d" * (n % 3000)).encode()
+                    write(p, data)
+                    if read(p) != data:
+                        errors.append(f"node {i} read back something else in {p}")
+                    if n >= 10:
+                        os.unlink(os.path.join(mp, f"work{i}", f"f{n - 10}"))
+                    n += 1
+                counts[i] = n
+            except BaseException as e:  # noqa: B902 (reported below)
+                errors.append(repr(e))
+
+        ts = [threading.Thread(target=worker, args=(0, a)), threading.Thread(target=worker, args=(1, b))]
+        for t in ts:
+            t.start()
+        try:
+            for k in range(5):
+                c = r.mount(2)
+                names = os.listdir(c)
+                self.assertIn("work0", names)
+                self.assertIn("work1", names)
+                r.unmount(2)
+        finally:
+            stop.set()
+            for t in ts:
+                t.join()
+        self.assertEqual(errors, [])
+        self.assertGreater(min(counts), 10)
+        # Each worker's last ten files are there, seen from the other node.
+        for i, other in ((0, b), (1, a)):
+            names = sorted(os.listdir(os.path.join(other, f"work{i}")))
+            self.assertEqual(len(names), 10, names)
+        r.unmount(0)
+        r.unmount(1)
+        self.assert_fsck_clean(r)
+
+
+class FileMultiNodeTest(MultiNodeCases, unittest.TestCase):
+    via_nbd = False
+
+
+class NbdMultiNodeTest(MultiNodeCases, unittest.TestCase):
+    via_nbd = True
+
+
+if __name__ == "__main__":
+    unittest.main()
