@@ -132,7 +132,21 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
     } else if (key == "attr_timeout") {
       fo->attr_timeout = fo->entry_timeout = std::atof(val.c_str());
     } else if (key == "nonet") {
-      // The network channel does not exist yet; disk-only is all there is.
+      mo->net_bind.clear();
+    } else if (key == "net") {
+      // The lock service's wake-up channel: UDP on this address, published in the
+      // node's heartbeat block; messages themselves always go through the disk.
+      if (val.empty() || val.find(':') == std::string::npos) {
+        *err = "net= takes IP:PORT (the address this node listens on for lock hints)";
+        return false;
+      }
+      mo->net_bind = val;
+    } else if (key == "poll") {
+      if (!ParseSize(val, &n) || n == 0 || n > 1000) {
+        *err = "poll= takes milliseconds (1..1000)";
+        return false;
+      }
+      mo->poll_ms = static_cast<uint32_t>(n);
     } else if (key == "fsname") {
       fo->fsname = val;
     } else if (key == "ro") {

@@ -41,7 +41,10 @@ int main(int argc, char** argv) {
   MountArgs mo;
   auto* mount = app.add_subcommand("mount", "Mount DEVICE on MOUNTPOINT");
   mount->add_flag("-f,--foreground", mo.foreground, "Stay in the foreground");
-  mount->add_option("-o", mo.options, "Comma-separated mount options")->default_val("");
+  mount->add_option("-o", mo.options,
+                    "Comma-separated: allow_other, cache=SIZE, commit=SECONDS, net=IP:PORT, nonet, "
+                    "poll=MS, attr_timeout=SECONDS, nosuid, nodev, noexec, fsname=NAME")
+      ->default_val("");
   mount->add_option("DEVICE", mo.device, "Block device or image file")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "Directory to mount on")->required();
 
