@@ -365,7 +365,7 @@ void Filesystem::AddRef(uint64_t ino, uint64_t generation, uint64_t n) {
   Refs& r = refs_[ino];
   r.lookups += n;
   // A reused number: the kernel drops its old inode on seeing the new generation.
-  r.generation = generation;
+  if (generation != 0) r.generation = generation;
 }
 
 bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {

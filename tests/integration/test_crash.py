@@ -48,7 +48,10 @@ def read(path):
 
 class CrashTest(unittest.TestCase):
     def setUp(self):
-        self.s = agfs.Scratch(size="512M")
+        # Short cluster timings: every remount after a kill waits until the dead node
+        # is declared dead (dead-after) and its journal replayed by the survivor.
+        self.s = agfs.Scratch(size="512M", extra=("--heartbeat-ms", "250", "--io-timeout-ms",
+                                                  "1000", "--dead-after-ms", "3000"))
         self.failed = True
         self.addCleanup(self.cleanup)
 
