@@ -493,20 +493,24 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   if (!s.ok()) spdlog::error("freeing orphan inode {}: {}", ino, s.ToString());
 }
 
-Status Filesystem::FreeOrphans(uint32_t slot, bool only_unreferenced) {
+Result<std::vector<uint64_t>> Filesystem::OrphansOf(uint32_t slot) {
   std::vector<uint64_t> inos;
-  {
-    auto h = store_->Begin(true);
-    for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
-      uint64_t blk = g_.SlotBlock(slot, kSlotOrphan + i);
-      auto r = h->ReadAs<OrphanBlock>(blk, BlockType::kOrphan, MakeLockId(LockKind::kSlot, slot));
-      if (!r.ok()) return r.status();
-      uint32_t n = std::min<uint32_t>((*r)->count, kOrphansPerBlock);
-      for (uint32_t k = 0; k < n; k++) inos.push_back((*r)->ino[k]);
-    }
+  auto h = store_->Begin(true);
+  for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
+    uint64_t blk = g_.SlotBlock(slot, kSlotOrphan + i);
+    auto r = h->ReadAs<OrphanBlock>(blk, BlockType::kOrphan, MakeLockId(LockKind::kSlot, slot));
+    if (!r.ok()) return r.status();
+    uint32_t n = std::min<uint32_t>((*r)->count, kOrphansPerBlock);
+    for (uint32_t k = 0; k < n; k++) inos.push_back((*r)->ino[k]);
   }
+  return inos;
+}
+
+Status Filesystem::FreeOrphans(uint32_t slot, bool only_unreferenced) {
+  auto list = OrphansOf(slot);
+  if (!list.ok()) return list.status();
   uint64_t freed = 0;
-  for (uint64_t ino : inos) {
+  for (uint64_t ino : *list) {
     if (only_unreferenced && Referenced(ino)) continue;
     {
       // Truncations that a crash interrupted: finish them.
@@ -545,17 +549,9 @@ Status Filesystem::AdoptOrphans() {
     AGFS_RETURN_IF_ERROR(dev_->Read(hb * kBlockSize, b.data(), kBlockSize));
     if (!VerifyBlock(b.data(), BlockType::kSlot, hb, uuid_).ok()) continue;
     if (reinterpret_cast<const SlotBlock*>(b.data())->state != kSlotFree) continue;
-    std::vector<uint64_t> inos;
-    {
-      auto h = store_->Begin(true);
-      for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
-        uint64_t blk = g_.SlotBlock(s, kSlotOrphan + i);
-        auto r = h->ReadAs<OrphanBlock>(blk, BlockType::kOrphan, MakeLockId(LockKind::kSlot, s));
-        if (!r.ok()) return r.status();
-        uint32_t n = std::min<uint32_t>((*r)->count, kOrphansPerBlock);
-        for (uint32_t k = 0; k < n; k++) inos.push_back((*r)->ino[k]);
-      }
-    }
+    auto list = OrphansOf(s);
+    if (!list.ok()) return list.status();
+    const std::vector<uint64_t>& inos = *list;
     for (uint64_t ino : inos) {
       auto h = store_->Begin(false, 8);
       AGFS_RETURN_IF_ERROR(AddOrphan(*h, ino));

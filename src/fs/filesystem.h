@@ -289,6 +289,7 @@ class Filesystem {
   Status RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino);
   Status FreeInode(uint32_t orphan_slot, uint64_t ino);
   Status FreeOrphans(uint32_t slot, bool only_unreferenced);
+  Result<std::vector<uint64_t>> OrphansOf(uint32_t slot);
   // Moves the orphans of every slot nobody owns (free: its node left or was recovered)
   // onto this node's list and frees those not referenced here.
   Status AdoptOrphans();

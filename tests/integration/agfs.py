@@ -43,7 +43,7 @@ def wait_unmounted(path, timeout=30):
 
 
 def daemon_pids(image):
-    """PIDs of agorafs daemons serving `image`."""
+    """PIDs of agorafs daemons with `image` (or a mount point) among their arguments."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -67,18 +67,8 @@ class MountRig:
         return self.mps[i]
 
     def pid(self, i):
-        mp = os.fsencode(self.mps[i])
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"agorafs") and b"mount" in argv and mp in argv:
-                return int(pid)
-        return None
+        pids = agfs.daemon_pids(self.mps[i])
+        return pids[0] if pids else None
 
     def wait_gone(self, pid, timeout=30):
         deadline = time.time() + timeout
@@ -110,6 +100,16 @@ class MountRig:
         for ns in self.namespaces:
             ns.delete()
         self.scratch.cleanup()
+
+
+def run_for(threads, seconds, stop):
+    """Starts `threads`, lets them run for `seconds`, sets `stop` and joins them."""
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
 
 
 def read(path, mode="rb"):
@@ -432,12 +432,7 @@ class MultiNodeCases:
               threading.Thread(target=reader, args=(0, files[2:])),
               threading.Thread(target=reader, args=(1, files[:2])),
               threading.Thread(target=reader, args=(2, files))]
-        for t in ts:
-            t.start()
-        time.sleep(8)
-        stop.set()
-        for t in ts:
-            t.join()
+        run_for(ts, 8, stop)
         self.assertEqual(errors, [])
         self.assertGreater(len(reads), 50)
         self.assertGreater(min(len(v) for v in done.values()), 5)
@@ -503,13 +498,7 @@ class MultiNodeCases:
             except BaseException as e:  # noqa: B902 (reported below)
                 errors.append(f"node {i}: {e!r}")
 
-        ts = [threading.Thread(target=racer, args=(i,)) for i in range(3)]
-        for t in ts:
-            t.start()
-        time.sleep(8)
-        stop.set()
-        for t in ts:
-            t.join()
+        run_for([threading.Thread(target=racer, args=(i,)) for i in range(3)], 8, stop)
         self.assertEqual(errors, [])
         self.assertGreater(sum(counts), 30)
         listings = [sorted(os.listdir(os.path.join(mps[k], "race"))) for k in range(3)]
