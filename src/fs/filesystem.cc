@@ -8,6 +8,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -482,10 +483,16 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   if (!gate.status().ok()) return;
   {
     auto h = store_->Begin(true);
+    auto used = h->Allocated(ino);
+    if (!used.ok() || !*used) return;
     auto ir = RIno(*h, g_, ino);
     if (!ir.ok() || (*ir)->nlink != 0 || !((*ir)->flags & kInodeFlagOrphan)) return;
   }
   if (Referenced(ino)) return;
+  // Only the node whose list holds the orphan frees it: another node forgetting an
+  // inode someone else deleted must leave it to that node (which may still use it).
+  auto mine = OrphansOf(info_.slot);
+  if (!mine.ok() || std::find(mine->begin(), mine->end(), ino) == mine->end()) return;
   auto st = State(ino);
   std::unique_lock<std::shared_mutex> io(st->io);
   Status s = FreeInode(info_.slot, ino);
