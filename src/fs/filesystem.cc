@@ -259,7 +259,10 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
     // Empty unless the previous owner of this slot left without anyone recovering it.
     auto rs = f->journal_->Replay();
     if (!rs.ok()) return rs.status();
-    f->info_.replayed_transactions += rs->transactions;
+    {
+      std::lock_guard<std::mutex> g(f->info_mu_);  // RecoverSlot may run meanwhile
+      f->info_.replayed_transactions += rs->transactions;
+    }
     f->store_ = std::make_unique<MetaStore>(f->io_, f->sb_, f->journal_.get(), f->locks_.get(),
                                             opts.store);
     AGFS_RETURN_IF_ERROR(f->store_->Init());
