@@ -6,3 +6,22 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 ctest --test-dir build --output-on-failure -j2 --timeout 900
+
+# AddressSanitizer + UndefinedBehaviorSanitizer: every unit test, and the mount tests
+# (POSIX behaviour, bad input, three-node mounts on a file and through NBD). The long
+# crash, fsx and cluster-process loops run in the release build above.
+echo "== ASan + UBSan"
+BUILD_DIR=build-asan scripts/build.sh -DAGORAFS_SANITIZE=address
+ctest --test-dir build-asan --output-on-failure -j2 --timeout 1800 -LE "slow|model" \
+  -E "^(it_crash|it_fsx|it_cluster|it_nbd)$"
+
+# ThreadSanitizer: the cluster layer (membership, Disk Paxos, lock service, network
+# channel), the journal, the metadata cache, and the filesystem core with two nodes
+# and several threads in one process.
+echo "== TSan"
+TSAN_TESTS=(membership_test paxos_test lock_service_test net_channel_test journal_test
+            meta_store_test fs_test)
+cmake -S . -B build-tsan -G Ninja -DAGORAFS_SANITIZE=thread >/dev/null
+ninja -C build-tsan "${TSAN_TESTS[@]}"
+ctest --test-dir build-tsan --output-on-failure -j2 --timeout 900 \
+  -R "^(Membership|Paxos|DiskPaxos|LockService|NetChannel|Journal|MetaStore|FsTest)[A-Za-z]*\."

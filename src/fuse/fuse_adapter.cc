@@ -515,6 +515,7 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
   fuse_lowlevel_ops ops = MakeOps();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof(ops), &ctx);
+  fuse_opt_free_args(&args);  // libfuse may have copied and extended the list
   if (!se) {
     std::fprintf(stderr, "agorafs: could not create the FUSE session\n");
     return 1;
