@@ -141,6 +141,12 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
         return false;
       }
       mo->net_bind = val;
+    } else if (key == "hold") {
+      if (!ParseSize(val, &n) || n > 10000) {
+        *err = "hold= takes milliseconds (0..10000)";
+        return false;
+      }
+      mo->min_hold_ms = static_cast<uint32_t>(n);
     } else if (key == "poll") {
       if (!ParseSize(val, &n) || n == 0 || n > 1000) {
         *err = "poll= takes milliseconds (1..1000)";

@@ -78,6 +78,7 @@ struct LockService::Impl {
     LockMode wanted = LockMode::kNone;  // outstanding request (> held)
     bool req_sent = false;
     uint64_t granted_ms = 0;
+    uint64_t last_used_ms = 0;  // when the last pin went
     int pins = 0;
     int wait_s = 0, wait_x = 0;
     uint64_t grant_seq = 0;
@@ -230,9 +231,15 @@ struct LockService::Impl {
 
   // A revoke may run when nobody on this node uses the lock, every waiter the last
   // grant woke has had its turn, and the lock was held min_hold_ms.
+  // A revoked lock goes once nobody uses it and either the minimum hold time is over
+  // or nobody has used it for idle_release_ms (an idle holder need not make the
+  // requester wait out the hold time meant for busy ones).
+  uint64_t RevokeDue(const ClientLock& c) const {
+    return std::min(c.granted_ms + o.min_hold_ms, c.last_used_ms + o.idle_release_ms);
+  }
   bool RevokeReady(const ClientLock& c, uint64_t now) const {
     return c.revoke_pending && !c.revoking && c.pins == 0 && c.unserved == 0 &&
-           now >= c.granted_ms + o.min_hold_ms;
+           now >= RevokeDue(c);
   }
 
   // ---------------------------------------------------------------- worker
@@ -260,7 +267,7 @@ struct LockService::Impl {
           break;
         }
         if (c.revoke_pending && !c.revoking && c.pins == 0 && c.unserved == 0) {
-          next_due = std::min(next_due, c.granted_ms + o.min_hold_ms);
+          next_due = std::min(next_due, RevokeDue(c));
         }
       }
       if (found) {
@@ -1043,7 +1050,10 @@ void LockService::Unpin(LockId id) {
   std::lock_guard<std::mutex> g2(impl_->mu);
   auto it = impl_->cl.find(id);
   if (it == impl_->cl.end() || it->second.pins == 0) return;
-  if (--it->second.pins == 0 && it->second.revoke_pending) impl_->worker_cv.notify_one();
+  if (--it->second.pins == 0) {
+    it->second.last_used_ms = BootNowMs();
+    if (it->second.revoke_pending) impl_->worker_cv.notify_one();
+  }
 }
 
 Status LockService::Acquire(LockId id, LockMode mode) {

@@ -229,6 +229,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
 
   LockService::Options lo;
   lo.poll_ms = opts.poll_ms;
+  lo.min_hold_ms = opts.min_hold_ms;
   lo.net_bind = opts.net_bind;
   Filesystem* f = fs.get();
   lo.on_revoke = [f](LockId id, LockMode to) -> Status {

@@ -120,6 +120,10 @@ struct MountOptions {
   uint32_t io_timeout_ms_override = 0;
   uint32_t dead_after_ms_override = 0;
   uint32_t poll_ms = 5;     // message ring polling when the network channel is silent
+  // A node that keeps using the filesystem lock keeps it this long after a grant
+  // before it yields to another node (an idle node yields at once), so that nodes
+  // taking turns get work done between handovers.
+  uint32_t min_hold_ms = 20;
   std::string net_bind;     // "ip:port" for the network hint channel; empty = disk only
 };
 
