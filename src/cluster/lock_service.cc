@@ -230,10 +230,9 @@ struct LockService::Impl {
   }
 
   // A revoke may run when nobody on this node uses the lock, every waiter the last
-  // grant woke has had its turn, and the lock was held min_hold_ms.
-  // A revoked lock goes once nobody uses it and either the minimum hold time is over
-  // or nobody has used it for idle_release_ms (an idle holder need not make the
-  // requester wait out the hold time meant for busy ones).
+  // grant woke has had its turn, and either the lock was held min_hold_ms or nobody
+  // used it for idle_release_ms (an idle holder need not make the requester wait out
+  // the hold time meant for busy ones).
   uint64_t RevokeDue(const ClientLock& c) const {
     return std::min(c.granted_ms + o.min_hold_ms, c.last_used_ms + o.idle_release_ms);
   }
