@@ -127,11 +127,6 @@ Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   pinned_ = true;
   prev_ = t_gate;
   t_gate = std::max(mode, fs_->lsvc_->Held(kFsLock));
-  std::lock_guard<std::mutex> g(fs_->info_mu_);
-  if (fs_->lost_lock_) {
-    fs_->lost_lock_ = false;
-    fs_->info_.lock_transfers_in++;
-  }
 }
 
 Filesystem::Gate::~Gate() {
@@ -145,7 +140,6 @@ Status Filesystem::OnRevoke(LockMode to) {
   Status st = to == LockMode::kNone ? store_->DropAll() : store_->Sync();
   std::lock_guard<std::mutex> g(info_mu_);
   info_.lock_revokes++;
-  if (to == LockMode::kNone) lost_lock_ = true;
   return st;
 }
 

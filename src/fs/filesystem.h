@@ -133,7 +133,6 @@ struct FsInfo {
   uint64_t replayed_transactions = 0;
   uint64_t orphans_freed = 0;
   uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
-  uint64_t lock_transfers_in = 0;  // filesystem lock acquisitions after losing it
   uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
 };
 
@@ -277,7 +276,6 @@ class Filesystem {
   // Cluster (filesystem.cc).
   bool unmounted_ = false;
   mutable std::mutex info_mu_;
-  bool lost_lock_ = false;  // the filesystem lock was given up since last held
   // Janitor: adopts the orphans of recovered nodes once the lock is granted again.
   std::thread janitor_;
   std::condition_variable janitor_cv_;
