@@ -15,15 +15,13 @@ BUILD_DIR=build-asan scripts/build.sh -DAGORAFS_SANITIZE=address
 ctest --test-dir build-asan --output-on-failure -j2 --timeout 1800 -LE "slow|model" \
   -E "^(it_crash|it_fsx|it_cluster|it_nbd)$"
 
-# ThreadSanitizer: the cluster layer (membership, Disk Paxos, network channel), the
-# journal, the metadata cache, and the filesystem core with two nodes and several
-# threads in one process (which runs the lock service too). lock_service_test itself
-# is not here yet: under TSan's slowdown ExclusiveCounterIsExactAcrossNodes lost
-# increments in 2 of 6 runs and MasterDiesNewMasterReclaimsAndGoesOn saw two
-# recoveries; both are open bugs to fix first (TSan reported no data race).
+# ThreadSanitizer: the cluster layer (membership, Disk Paxos, network channel, lock
+# service), the journal, the metadata cache, and the filesystem core with two nodes
+# and several threads in one process.
 echo "== TSan"
-TSAN_TESTS=(membership_test paxos_test net_channel_test journal_test meta_store_test fs_test)
+TSAN_TESTS=(membership_test paxos_test net_channel_test lock_service_test journal_test
+            meta_store_test fs_test)
 cmake -S . -B build-tsan -G Ninja -DAGORAFS_SANITIZE=thread >/dev/null
 ninja -C build-tsan "${TSAN_TESTS[@]}"
 ctest --test-dir build-tsan --output-on-failure -j2 --timeout 900 \
-  -R "^(Membership|Paxos|DiskPaxos|NetChannel|Journal|MetaStore|FsTest)[A-Za-z]*\."
+  -R "^(Membership|Paxos|DiskPaxos|NetChannel|LockService|Journal|MetaStore|FsTest)[A-Za-z]*\."

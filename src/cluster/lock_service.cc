@@ -124,6 +124,12 @@ struct LockService::Impl {
   std::vector<NodeState> nodes;
   std::vector<Msg> from_master;  // master messages not yet sent
   std::set<uint32_t> recovering;  // recovery task queued or running
+  // slot -> generation this node has recovered. The peer view MasterTick works from is
+  // read before the tick, so it can still say "dead" for a recovery that finished
+  // meanwhile; replaying that journal again could overwrite newer blocks of a node
+  // that has since claimed the slot. Kept across epochs: it is a fact about the disk.
+  std::unordered_map<uint32_t, uint64_t> recovered_gen;
+  std::unordered_map<uint32_t, uint64_t> recovery_backoff_ms;  // slot -> no retry before
   bool grants_open = false;
   bool table_changed = true;
   uint64_t last_snapshot_ms = 0;
@@ -427,6 +433,14 @@ struct LockService::Impl {
       auto v = paxos->ReadDecided();
       if (!v.ok()) return;
       view = *v;
+      std::lock_guard<std::mutex> g2(mu);
+      last_paxos_ms = now;
+      if (view.decided.epoch > master.epoch) {
+        // Someone was elected since our last read: follow it (the next tick checks
+        // that it is alive) rather than depose a master that may be seconds old.
+        Adopt(view.decided);
+        return;
+      }
     }
     uint64_t epoch = std::max(view.decided.epoch, cur.epoch) + 1;
     {
@@ -582,7 +596,11 @@ struct LockService::Impl {
       if (!confirmed.ok()) {
         st = confirmed.status();
       } else if (!*confirmed) {
-        spdlog::info("slot {}: slot {} generation {} came back; not recovering it", me, slot, gen);
+        // Our observer no longer judges it dead (it came back, or another master
+        // recovered it and the peer view has not caught up): look again after a
+        // heartbeat rather than at every tick.
+        spdlog::info("slot {}: slot {} generation {} is not dead to this observer; not recovering it",
+                     me, slot, gen);
       } else {
         spdlog::warn("slot {}: node in slot {} (generation {}) is dead: recovering it", me, slot,
                      gen);
@@ -590,12 +608,14 @@ struct LockService::Impl {
         if (st.ok()) st = m->MarkRecovered(slot, gen);
         done = st.ok();
       }
+      std::lock_guard<std::mutex> g2(mu);
       if (!st.ok()) {
         spdlog::error("slot {}: recovery of slot {} failed (will retry): {}", me, slot,
                       st.ToString());
       }
-      std::lock_guard<std::mutex> g2(mu);
+      if (!done) recovery_backoff_ms[slot] = BootNowMs() + t.heartbeat_ms;
       recovering.erase(slot);
+      if (done) recovered_gen[slot] = gen;
       if (done && master.epoch == epoch && IsMaster()) {
         ForgetSlot(slot);
         stats.recoveries++;
@@ -629,8 +649,15 @@ struct LockService::Impl {
           }
           if (!nodes[s].reclaimed) open = false;
         } else if (NeedsRecovery(p.state)) {
-          open = false;
-          if (!recovering.count(s)) StartRecovery(s, p.generation);
+          auto done = recovered_gen.find(s);
+          if (done != recovered_gen.end() && done->second == p.generation) {
+            if (nodes[s].gen != 0) ForgetSlot(s);  // recovered under an earlier master term
+          } else {
+            open = false;
+            auto back = recovery_backoff_ms.find(s);
+            bool wait = back != recovery_backoff_ms.end() && BootNowMs() < back->second;
+            if (!recovering.count(s) && !wait) StartRecovery(s, p.generation);
+          }
         } else if (nodes[s].gen != 0 &&
                    (p.state == PeerState::kRecovered || p.state == PeerState::kFree)) {
           // Recovered, or left cleanly (a node leaves only after writing everything
@@ -714,6 +741,16 @@ struct LockService::Impl {
       if (!epoch_ready || master.slot == kNoSlot) return;
       master_role = IsMaster();
       epoch = master.epoch;
+      // The master's own client: releases first. A release queued by the worker is
+      // older than any request for the same lock in to_request (a request needs
+      // held < wanted, which that release made so). Handling the request first would
+      // find this node still listed as holder, answer it as a duplicate with a grant,
+      // and then let the release drop the holding the client now believes it has:
+      // two nodes exclusive at once.
+      if (master_role) {
+        for (Msg& msg : to_master) MasterHandle(me, msg);
+        to_master.clear();
+      }
       for (LockId id : to_request) {
         ClientLock& c = cl[id];
         if (c.wanted > c.held && !c.req_sent) {
@@ -728,8 +765,6 @@ struct LockService::Impl {
       }
       to_request.clear();
       if (master_role) {
-        for (Msg& msg : to_master) MasterHandle(me, msg);
-        to_master.clear();
         GrantPass();
         out.swap(from_master);
       } else {
