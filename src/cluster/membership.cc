@@ -678,6 +678,13 @@ Membership::SelfState Membership::State() const {
 
 bool Membership::LeaseValid() const { return impl_->LeaseValid(); }
 
+uint64_t Membership::LeaseRemainingMs() const {
+  uint64_t until = impl_->lease_until.load();
+  uint64_t now = BootNowMs();
+  if (!impl_->LeaseValid() || now >= until) return 0;
+  return until - now;
+}
+
 Status Membership::CheckWrite() const {
   if (impl_->LeaseValid()) return Status::Ok();
   std::lock_guard<std::mutex> l(impl_->mu);

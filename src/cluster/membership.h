@@ -18,6 +18,8 @@
 //   unhealthy (see timings.h), so a storage-wide stall declares nobody dead.
 // - Lease: LeaseValid() is true while BootNowMs() < (issue time of the last completed
 //   heartbeat write) + timings.LeaseMs(). CheckWrite() returns kFenced when it is not.
+//   LeaseRemainingMs() is how long it stays valid without a further renewal (0 when
+//   not valid): anything this node lets others rely on may be promised that long.
 //   Every write the node issues must pass through GuardedDevice (below), which checks
 //   the lease immediately before each Write/Flush.
 // - Lease lapse: when the lease runs out the node stops writing (GuardedDevice fails
@@ -116,6 +118,7 @@ class Membership {
   enum class SelfState : uint8_t { kActive, kLapsed, kFenced, kLeft };
   SelfState State() const;
   bool LeaseValid() const;
+  uint64_t LeaseRemainingMs() const;
   Status CheckWrite() const;  // OK, or kFenced with the reason
 
   std::vector<PeerInfo> Peers() const;

@@ -45,8 +45,15 @@ void Attr::ToStat(struct stat* st) const {
   st->st_ctim = ctime;
 }
 
+namespace {
+// lock_epoch() when this thread's outermost gate pinned the lock (0 outside gates):
+// no revoke to none can happen while the pin is held.
+thread_local uint64_t t_gate_epoch = 0;
+}  // namespace
+
 Attr AttrOf(uint64_t ino, const InodeBlock& i) {
   Attr a;
+  a.lock_epoch = t_gate_epoch;
   a.ino = ino;
   a.generation = i.generation;
   a.mode = i.mode;
@@ -126,17 +133,27 @@ Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   }
   pinned_ = true;
   prev_ = t_gate;
+  prev_epoch_ = t_gate_epoch;
   t_gate = std::max(mode, fs_->lsvc_->Held(kFsLock));
+  t_gate_epoch = fs_->lock_epoch_.load();
 }
 
 Filesystem::Gate::~Gate() {
   if (!pinned_) return;
   t_gate = prev_;
+  t_gate_epoch = prev_epoch_;
   fs_->lsvc_->Unpin(kFsLock);
 }
 
 // Runs on the lock service's worker thread once no gate is open on this node.
 Status Filesystem::OnRevoke(LockMode to) {
+  if (to == LockMode::kNone) {
+    // From here on, attributes read before are no longer promised current; the hook
+    // takes back what the kernel caches.
+    lock_epoch_++;
+    std::lock_guard<std::mutex> g(hook_mu_);
+    if (lock_loss_hook_) lock_loss_hook_();
+  }
   Status st = to == LockMode::kNone ? store_->DropAll() : store_->Sync();
   std::lock_guard<std::mutex> g(info_mu_);
   info_.lock_revokes++;
@@ -376,9 +393,29 @@ bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
   r.opens -= std::min(r.opens, opens);
   if (r.lookups == 0 && r.opens == 0) {
     refs_.erase(it);
+    attrs_cached_.erase(ino);
     return true;
   }
   return false;
+}
+
+void Filesystem::SetLockLossHook(std::function<void()> fn) {
+  std::lock_guard<std::mutex> g(hook_mu_);
+  lock_loss_hook_ = std::move(fn);
+}
+
+bool Filesystem::MarkAttrsCached(uint64_t ino) {
+  std::lock_guard<std::mutex> g(states_mu_);
+  if (ino != sb_.root_ino && refs_.count(ino) == 0) return false;
+  attrs_cached_.insert(ino);
+  return true;
+}
+
+std::vector<uint64_t> Filesystem::TakeAttrsCached() {
+  std::lock_guard<std::mutex> g(states_mu_);
+  std::vector<uint64_t> out(attrs_cached_.begin(), attrs_cached_.end());
+  attrs_cached_.clear();
+  return out;
 }
 
 bool Filesystem::Referenced(uint64_t ino) {

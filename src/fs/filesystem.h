@@ -28,6 +28,15 @@
 // mount"). Every write to the device passes Membership's lease guard. When a node
 // dies, the lock master replays its journal before anyone gets the lock again.
 //
+// Kernel attribute caching: lock_epoch() moves each time this node gives the
+// filesystem lock up entirely (revoke to none), just before the lock-loss hook runs
+// and before the release. Attributes read under a gate carry the epoch of that gate;
+// while it has not moved, nobody else can have changed them. The FUSE adapter lets the
+// kernel cache such attributes (MarkAttrsCached) and, in the hook, invalidates every
+// inode it did (TakeAttrsCached), so no cached attribute outlives the lock. It bounds
+// each timeout by LeaseRemainingMs(): a node cut off from the disk loses its kernel
+// cache before anyone may declare it dead (see docs/DESIGN.md, "Kernel caches").
+//
 // Stale inode numbers: the kernel names inodes by number; another node may free an
 // inode and its block be reused. Every inode number the kernel holds is remembered
 // with the generation handed out for it; a call naming an inode whose generation
@@ -51,6 +60,7 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cache/meta_store.h"
@@ -84,6 +94,9 @@ struct Attr {
   uint64_t size = 0;
   uint64_t blocks = 0;  // in 512-byte units, as st_blocks
   struct timespec atime{}, mtime{}, ctime{}, btime{};
+  // Filesystem::lock_epoch() of the gate these were read under (0: outside any gate).
+  // They are current for as long as lock_epoch() still has this value.
+  uint64_t lock_epoch = 0;
   void ToStat(struct stat* st) const;
 };
 
@@ -160,6 +173,19 @@ class Filesystem {
   // Kernel references. `generation` is the one handed to the kernel with the entry.
   void AddRef(uint64_t ino, uint64_t generation, uint64_t n = 1);
   void Forget(uint64_t ino, uint64_t n);
+
+  // Kernel attribute caching (see the header comment).
+  uint64_t lock_epoch() const { return lock_epoch_.load(); }
+  uint64_t LeaseRemainingMs() const { return member_->LeaseRemainingMs(); }
+  // `fn` runs on the lock service's worker thread when this node gives the lock up
+  // entirely, after lock_epoch() moved and before the release; nullptr clears it.
+  void SetLockLossHook(std::function<void()> fn);
+  // Remembers that the kernel caches attributes of `ino`; false (nothing remembered,
+  // hand out no timeout) when the kernel holds no reference to it. The mark goes when
+  // the kernel forgets the inode.
+  bool MarkAttrsCached(uint64_t ino);
+  // Every inode marked since the last call; clears the marks.
+  std::vector<uint64_t> TakeAttrsCached();
   Status Open(uint64_t ino, int flags, const Caller& c);
   void Release(uint64_t ino);
 
@@ -240,6 +266,7 @@ class Filesystem {
    private:
     Filesystem* fs_;
     LockMode prev_ = LockMode::kNone;
+    uint64_t prev_epoch_ = 0;
     bool pinned_ = false;
     Status st_;
   };
@@ -271,6 +298,12 @@ class Filesystem {
 
   std::mutex states_mu_;
   std::unordered_map<uint64_t, Refs> refs_;                          // GUARDED_BY(states_mu_)
+  // Inodes whose attributes the kernel may cache; a subset of refs_' keys (an inode
+  // leaves both when the kernel forgets it).                       GUARDED_BY(states_mu_)
+  std::unordered_set<uint64_t> attrs_cached_;
+  std::atomic<uint64_t> lock_epoch_{1};
+  std::mutex hook_mu_;
+  std::function<void()> lock_loss_hook_;  // GUARDED_BY(hook_mu_)
   std::unordered_map<uint64_t, std::weak_ptr<InodeState>> states_;  // GUARDED_BY(states_mu_)
 
   // Cluster (filesystem.cc).

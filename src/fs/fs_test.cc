@@ -9,7 +9,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <map>
 #include <random>
 #include <set>
@@ -420,6 +422,59 @@ TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
   uint64_t g2 = Create(Root(), "after");
   WriteAt(g2, 0, "alone");
   EXPECT_EQ(ReadAll(g2), "alone");
+}
+
+// Kernel attribute caching: attributes carry the lock epoch they were read under; the
+// epoch moves and the lock-loss hook runs before the lock goes to another node; the
+// marks of cached inodes go with the kernel's references.
+TEST_F(FsTest, LockLossMovesTheEpochAndRunsTheHook) {
+  uint64_t f = Create(Root(), "cached");
+  auto a1 = fs_->GetAttr(f);
+  ASSERT_TRUE(a1.ok());
+  EXPECT_NE(a1->lock_epoch, 0u);
+  EXPECT_EQ(a1->lock_epoch, fs_->lock_epoch());
+  EXPECT_GT(fs_->LeaseRemainingMs(), 0u);
+
+  EXPECT_FALSE(fs_->MarkAttrsCached(f)) << "marked an inode the kernel holds no reference to";
+  fs_->AddRef(f, a1->generation);
+  EXPECT_TRUE(fs_->MarkAttrsCached(f));
+  EXPECT_TRUE(fs_->MarkAttrsCached(Root()));
+  std::mutex mu;  // the hook runs on the lock service's worker thread
+  int hooks = 0;
+  std::vector<uint64_t> taken;
+  uint64_t epoch_in_hook = 0;
+  fs_->SetLockLossHook([&] {
+    std::lock_guard<std::mutex> g(mu);
+    hooks++;
+    epoch_in_hook = fs_->lock_epoch();
+    taken = fs_->TakeAttrsCached();
+  });
+
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(b->Mkdir(caller_, b->root_ino(), "from-b", 0755).ok());  // takes the lock
+  {
+    std::lock_guard<std::mutex> g(mu);
+    EXPECT_GE(hooks, 1);
+    EXPECT_GT(epoch_in_hook, a1->lock_epoch) << "the hook ran before the epoch moved";
+    std::sort(taken.begin(), taken.end());
+    std::vector<uint64_t> want{f, Root()};
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(taken, want);
+  }
+  EXPECT_TRUE(fs_->TakeAttrsCached().empty());
+
+  auto a2 = fs_->GetAttr(f);  // A takes the lock back: a new epoch
+  ASSERT_TRUE(a2.ok());
+  EXPECT_GT(a2->lock_epoch, a1->lock_epoch);
+  EXPECT_EQ(a2->lock_epoch, fs_->lock_epoch());
+
+  // A forgotten inode leaves the set.
+  EXPECT_TRUE(fs_->MarkAttrsCached(f));
+  fs_->Forget(f, 1);
+  EXPECT_TRUE(fs_->TakeAttrsCached().empty());
+  fs_->SetLockLossHook(nullptr);
+  ASSERT_TRUE(b->Unmount().ok());
 }
 
 // Two nodes, two threads each, changing and reading at once: the filesystem lock moves

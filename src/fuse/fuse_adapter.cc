@@ -9,10 +9,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <shared_mutex>
 #include <vector>
 
 #include "fuse/errno_map.h"
@@ -23,7 +26,14 @@ namespace {
 struct Ctx {
   Filesystem* fs;
   FuseOptions opts;
+  fuse_session* se = nullptr;
+  // Shared: from the check that attributes may be cached until their reply is written.
+  // Exclusive: the lock-loss hook's invalidations (see the header).
+  std::shared_mutex reply_mu;
 };
+
+// Kept off the lease's end: the kernel starts the timeout when it reads the reply.
+constexpr uint64_t kLeaseMarginMs = 200;
 
 Ctx* C(fuse_req_t req) { return static_cast<Ctx*>(fuse_req_userdata(req)); }
 Filesystem* F(fuse_req_t req) { return C(req)->fs; }
@@ -55,6 +65,30 @@ void ReplyErr(fuse_req_t req, const Status& s) {
   fuse_reply_err(req, ToErrno(s));
 }
 
+// The attribute timeout a reply carrying `a` may hand out; call with reply_mu held
+// shared until the reply is written. The kernel must already hold a reference to the
+// inode (AddRef before an entry reply).
+double AttrTimeout(fuse_req_t req, const Attr& a) {
+  Ctx* c = C(req);
+  if (c->opts.attr_timeout <= 0 || a.lock_epoch == 0 || a.lock_epoch != c->fs->lock_epoch()) {
+    return 0;
+  }
+  uint64_t lease = c->fs->LeaseRemainingMs();
+  if (lease <= kLeaseMarginMs) return 0;
+  if (!c->fs->MarkAttrsCached(a.ino)) return 0;
+  return std::min(c->opts.attr_timeout, double(lease - kLeaseMarginMs) / 1000.0);
+}
+
+// The lock-loss hook: takes back every attribute timeout handed out.
+void InvalidateCachedAttrs(Ctx* c) {
+  std::unique_lock<std::shared_mutex> lk(c->reply_mu);
+  for (uint64_t ino : c->fs->TakeAttrsCached()) {
+    int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
+    // ENOENT: the kernel has already dropped the inode.
+    if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
+  }
+}
+
 void FillEntry(Filesystem* fs, const Attr& a, fuse_entry_param* e) {
   std::memset(e, 0, sizeof(*e));
   e->ino = ToFuse(fs, a.ino);
@@ -70,9 +104,9 @@ void ReplyEntry(fuse_req_t req, const Result<Attr>& r) {
   Filesystem* fs = F(req);
   fuse_entry_param e;
   FillEntry(fs, *r, &e);
-  e.attr_timeout = C(req)->opts.attr_timeout;
-  e.entry_timeout = C(req)->opts.entry_timeout;
   fs->AddRef(r->ino, r->generation);
+  std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
+  e.attr_timeout = AttrTimeout(req, *r);
   if (fuse_reply_entry(req, &e) != 0) fs->Forget(r->ino, 1);
 }
 
@@ -81,7 +115,8 @@ void ReplyAttr(fuse_req_t req, const Result<Attr>& r) {
   struct stat st;
   r->ToStat(&st);
   st.st_ino = ToFuse(F(req), r->ino);
-  fuse_reply_attr(req, &st, C(req)->opts.attr_timeout);
+  std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
+  fuse_reply_attr(req, &st, AttrTimeout(req, *r));
 }
 
 // ------------------------------------------------------------------------------
@@ -97,8 +132,9 @@ void OpInit(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
   // Kernel writeback caching would hide writes from other nodes; not used.
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
-  // Cached pages are dropped when a getattr shows another mtime or size (every read
-  // asks, since attributes are not cached): how other nodes' writes become visible.
+  // Cached pages are dropped when a getattr shows another mtime or size (a read asks
+  // whenever the attributes are not cached: after every loss of the filesystem lock,
+  // see the header): how other nodes' writes become visible.
   if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
 }
 
@@ -111,11 +147,10 @@ void OpDestroy(void* userdata) {
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   auto r = F(req)->Lookup(ToFs(req, parent), name);
   if (!r.ok() && r.status().Is(Code::kNotFound)) {
-    // A negative entry, remembered for entry_timeout (0 by default: another node may
-    // create the name at any time).
+    // A negative entry the kernel does not keep: another node may create the name at
+    // any time.
     fuse_entry_param e;
     std::memset(&e, 0, sizeof(e));
-    e.entry_timeout = C(req)->opts.entry_timeout;
     fuse_reply_entry(req, &e);
     return;
   }
@@ -238,10 +273,10 @@ void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   if (!st.ok()) return ReplyErr(req, st);
   fuse_entry_param e;
   FillEntry(fs, *r, &e);
-  e.attr_timeout = C(req)->opts.attr_timeout;
-  e.entry_timeout = C(req)->opts.entry_timeout;
   SetOpenFlags(req, fi);
   fs->AddRef(r->ino, r->generation);
+  std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
+  e.attr_timeout = AttrTimeout(req, *r);
   if (fuse_reply_create(req, &e, fi) != 0) {
     fs->Release(r->ino);
     fs->Forget(r->ino, 1);
@@ -312,9 +347,7 @@ void DoReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus
         p.attr.st_ino = ToFuse(fs, e.ino);  // no attributes: the kernel looks it up
         p.attr.st_mode = static_cast<mode_t>(e.type) << 12;
       } else {
-        FillEntry(fs, e.attr, &p);
-        p.attr_timeout = C(req)->opts.attr_timeout;
-        p.entry_timeout = C(req)->opts.entry_timeout;
+        FillEntry(fs, e.attr, &p);  // timeouts 0: see the header
         ref = true;
       }
       n = fuse_add_direntry_plus(req, buf.data() + used, size - used, e.name.c_str(), &p,
@@ -520,6 +553,8 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
     std::fprintf(stderr, "agorafs: could not create the FUSE session\n");
     return 1;
   }
+  ctx.se = se;
+  fs->SetLockLossHook([c = &ctx] { InvalidateCachedAttrs(c); });
   int rc = 1;
   if (fuse_set_signal_handlers(se) == 0) {
     if (fuse_session_mount(se, opts.mountpoint.c_str()) == 0) {
@@ -542,12 +577,14 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
       // libfuse reports the signal that ended the loop; SIGTERM/INT/HUP is a clean end.
       if (rc == SIGTERM || rc == SIGINT || rc == SIGHUP) rc = 0;
       fuse_loop_cfg_destroy(cfg);
+      fs->SetLockLossHook(nullptr);  // nothing cached survives the unmount
       fuse_session_unmount(se);
     } else {
       std::fprintf(stderr, "agorafs: could not mount on %s\n", opts.mountpoint.c_str());
     }
     fuse_remove_signal_handlers(se);
   }
+  fs->SetLockLossHook(nullptr);
   fuse_session_destroy(se);
   return rc == 0 ? 0 : 1;
 }

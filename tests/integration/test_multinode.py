@@ -218,14 +218,28 @@ class MultiNodeCases:
         os.symlink("dir/moved", on(0, "sym"))
         for k in (1, 2):
             self.assertEqual(os.readlink(on(k, "sym")), "dir/moved")
-        # chmod, chown, utimens
+        # chmod, chown, utimens. A path walk refreshes attributes through its lookup; a
+        # descriptor opened before (and fstat'ed, so the kernel caches its attributes)
+        # sees the change only through the invalidation sent when the lock moved.
+        fds = [os.open(on(k, "hard"), os.O_RDONLY) for k in range(3)]
+        for fd in fds:
+            os.fstat(fd)
         os.chmod(on(1, "hard"), 0o640)
         os.chown(on(2, "hard"), 1234, 5678)
         os.utime(on(0, "hard"), ns=(1_000_000_123, 2_000_000_456))
         for k in range(3):
-            st = os.stat(on(k, "dir", "moved"))
-            self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), (0o640, 1234, 5678))
-            self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1_000_000_123, 2_000_000_456))
+            for st in (os.stat(on(k, "dir", "moved")), os.fstat(fds[k])):
+                self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid),
+                                 (0o640, 1234, 5678), f"node {k}")
+                self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1_000_000_123, 2_000_000_456),
+                                 f"node {k}")
+        # data written on one node: the others' descriptors see the new size at once
+        with open(on(1, "hard"), "ab") as f:
+            f.write(b"x" * 777)
+        sizes = {os.fstat(fds[k]).st_size for k in range(3)}
+        self.assertEqual(sizes, {os.stat(on(1, "hard")).st_size})
+        for fd in fds:
+            os.close(fd)
         # ctime moves with every change and every node sees the same value
         ct = {os.stat(on(k, "hard")).st_ctime_ns for k in range(3)}
         self.assertEqual(len(ct), 1)
