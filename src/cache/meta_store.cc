@@ -89,7 +89,7 @@ void MetaStore::BackgroundLoop() {
       std::lock_guard<std::mutex> clk(commit_mu_);
       Status st = CommitInternal();
       if (st.ok() && (journal_->FreeBlocks() < journal_->Capacity() / 2 ||
-                      cache_.size() > opts_.cache_blocks ||
+                      BlocksInMemory() > opts_.cache_blocks ||
                       unhomed_copies_ > opts_.cache_blocks / 8)) {
         st = CheckpointInternal();
       }
@@ -126,9 +126,9 @@ std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t cre
     // Frees wait for a checkpoint before reuse; once they are a sizeable part of what
     // is left, checkpoint so that allocation does not run dry with space "free".
     bool reclaim = pending_total_ > 0 && pending_total_ > (free_total_ - pending_total_) / 4;
-    // Committed copies not yet home count against the cache budget too.
-    bool cache_full = cache_.size() > opts_.cache_blocks + opts_.cache_blocks / 4 ||
-                      unhomed_copies_ > opts_.cache_blocks / 4;
+    // Dirty and not-yet-home blocks cannot be evicted: past the budget, write them
+    // home first (one handle's blocks may still go over it until its end).
+    bool cache_full = BlocksInMemory() > opts_.cache_blocks;
     if (!txn_full && !cache_full && !reclaim) return h;
     h.reset();
     std::lock_guard<std::mutex> clk(commit_mu_);
@@ -234,8 +234,12 @@ void MetaStore::DropBufferLocked(uint64_t blk) {
   cache_.erase(it);
 }
 
+// The budget covers cached blocks and committed copies not yet home together: both
+// are block-sized memory the cache= option promises to bound.
+size_t MetaStore::BlocksInMemory() const { return cache_.size() + unhomed_copies_; }
+
 void MetaStore::EvictLocked() {
-  while (cache_.size() > opts_.cache_blocks && !lru_.empty()) {
+  while (BlocksInMemory() > opts_.cache_blocks && !lru_.empty()) {
     DropBufferLocked(lru_.back());
   }
 }
@@ -298,7 +302,7 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
 Status MetaStore::ReadInodesAround(uint64_t blk, uint8_t* out) {
   constexpr uint64_t kWindow = 16;
   uint64_t n = std::min<uint64_t>(kWindow, g_.total_blocks - 1 - blk);
-  if (n <= 1 || cache_.size() + n > opts_.cache_blocks) {
+  if (n <= 1 || BlocksInMemory() + n > opts_.cache_blocks) {
     return dev_->Read(blk * kBlockSize, out, kBlockSize);
   }
   thread_local AlignedBuffer window(kWindow * kBlockSize);

@@ -54,7 +54,7 @@
 namespace agorafs {
 
 struct StoreOptions {
-  size_t cache_blocks = 16384;          // 64 MiB of metadata cache
+  size_t cache_blocks = 16384;  // 64 MiB: cached blocks plus committed copies not yet home
   uint32_t commit_interval_ms = 1000;   // background group commit
   bool background = true;               // run the background commit thread
 };
@@ -162,6 +162,7 @@ class MetaStore {
   void MarkDirty(Buffer* b);
   void Touch(Buffer* b);
   void EvictLocked();
+  size_t BlocksInMemory() const;  // cached blocks + committed copies not yet home
   Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool metadata);
   Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want);
   Status FreeLocked(uint64_t blk, uint64_t count);

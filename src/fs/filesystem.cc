@@ -393,7 +393,6 @@ bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
   r.opens -= std::min(r.opens, opens);
   if (r.lookups == 0 && r.opens == 0) {
     refs_.erase(it);
-    attrs_cached_.erase(ino);
     return true;
   }
   return false;
@@ -406,14 +405,37 @@ void Filesystem::SetLockLossHook(std::function<void()> fn) {
 
 bool Filesystem::MarkAttrsCached(uint64_t ino) {
   std::lock_guard<std::mutex> g(states_mu_);
-  if (ino != sb_.root_ino && refs_.count(ino) == 0) return false;
-  attrs_cached_.insert(ino);
+  auto it = refs_.find(ino);
+  if (it == refs_.end()) {
+    if (ino != sb_.root_ino) return false;
+    it = refs_.emplace(ino, Refs{}).first;  // the kernel's root needs no lookup
+  }
+  if (it->second.attrs_cached) return true;
+  it->second.attrs_cached = true;
+  if (attrs_cached_.size() >= 2 * refs_.size() + 64) {
+    // Drop what the kernel forgot, and the older listing of an inode forgotten and
+    // marked again, before growing.
+    std::sort(attrs_cached_.begin(), attrs_cached_.end());
+    attrs_cached_.erase(std::unique(attrs_cached_.begin(), attrs_cached_.end()),
+                        attrs_cached_.end());
+    std::erase_if(attrs_cached_, [&](uint64_t i) {
+      auto r = refs_.find(i);
+      return r == refs_.end() || !r->second.attrs_cached;
+    });
+  }
+  attrs_cached_.push_back(ino);
   return true;
 }
 
 std::vector<uint64_t> Filesystem::TakeAttrsCached() {
   std::lock_guard<std::mutex> g(states_mu_);
-  std::vector<uint64_t> out(attrs_cached_.begin(), attrs_cached_.end());
+  std::vector<uint64_t> out;
+  for (uint64_t ino : attrs_cached_) {
+    auto r = refs_.find(ino);
+    if (r == refs_.end() || !r->second.attrs_cached) continue;  // forgotten, or listed twice
+    r->second.attrs_cached = false;
+    out.push_back(ino);
+  }
   attrs_cached_.clear();
   return out;
 }

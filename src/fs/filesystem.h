@@ -60,7 +60,6 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "cache/meta_store.h"
@@ -249,6 +248,7 @@ class Filesystem {
     uint64_t lookups = 0;
     uint64_t opens = 0;
     uint64_t generation = 0;  // as handed to the kernel (0: unknown, not checked)
+    bool attrs_cached = false;  // MarkAttrsCached since the last TakeAttrsCached
   };
 
  public:
@@ -298,9 +298,10 @@ class Filesystem {
 
   std::mutex states_mu_;
   std::unordered_map<uint64_t, Refs> refs_;                          // GUARDED_BY(states_mu_)
-  // Inodes whose attributes the kernel may cache; a subset of refs_' keys (an inode
-  // leaves both when the kernel forgets it).                       GUARDED_BY(states_mu_)
-  std::unordered_set<uint64_t> attrs_cached_;
+  // Inodes marked attrs_cached, in marking order; entries whose refs_ entry is gone
+  // or unmarked are skipped, and dropped when the list grows past twice refs_'
+  // size. 8 bytes an inode instead of a second hash table.        GUARDED_BY(states_mu_)
+  std::vector<uint64_t> attrs_cached_;
   std::atomic<uint64_t> lock_epoch_{1};
   std::mutex hook_mu_;
   std::function<void()> lock_loss_hook_;  // GUARDED_BY(hook_mu_)

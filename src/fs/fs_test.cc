@@ -473,6 +473,15 @@ TEST_F(FsTest, LockLossMovesTheEpochAndRunsTheHook) {
   EXPECT_TRUE(fs_->MarkAttrsCached(f));
   fs_->Forget(f, 1);
   EXPECT_TRUE(fs_->TakeAttrsCached().empty());
+  // Forgotten and looked up again many times: taken back once.
+  for (int i = 0; i < 1000; i++) {
+    fs_->AddRef(f, a1->generation);
+    EXPECT_TRUE(fs_->MarkAttrsCached(f));
+    EXPECT_TRUE(fs_->MarkAttrsCached(f));
+    if (i < 999) fs_->Forget(f, 1);
+  }
+  EXPECT_EQ(fs_->TakeAttrsCached(), std::vector<uint64_t>{f});
+  fs_->Forget(f, 1);
   fs_->SetLockLossHook(nullptr);
   ASSERT_TRUE(b->Unmount().ok());
 }

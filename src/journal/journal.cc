@@ -184,16 +184,32 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
 
   const uint64_t seq = next_seq_;
   const uint32_t body = need - 1;  // DESC and data blocks
-  AlignedBuffer buf(size_t(body) * kBlockSize);
+  // The body goes out in pieces of at most kStageBlocks through one staging buffer,
+  // so a large transaction costs no memory in proportion to its size (it may be a
+  // third of the log: megabytes on top of the metadata cache).
+  constexpr uint32_t kStageBlocks = 256;
+  AlignedBuffer stage(size_t(std::min(body, kStageBlocks)) * kBlockSize);
   AlignedBuffer commit(kBlockSize);
-  if (!buf.valid() || !commit.valid()) return Err(Code::kNoMemory, Where() + ": commit buffer");
+  if (!stage.valid() || !commit.valid()) return Err(Code::kNoMemory, Where() + ": commit buffer");
 
   Hasher hash;
-  uint32_t off = 0;  // block index within the transaction
+  uint32_t off = 0;      // block index within the transaction
+  uint32_t staged = 0;   // blocks in `stage` not yet written
+  uint32_t written = 0;  // blocks of the body written so far
+  Status s;
+  // The next block of the body, in the staging buffer; writes the buffer out when full.
+  auto next_block = [&]() -> uint8_t* {
+    if (staged == kStageBlocks) {
+      s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
+      written += staged;
+      staged = 0;
+    }
+    return stage.data() + size_t(staged++) * kBlockSize;
+  };
   uint32_t descs = 0;
-  for (size_t first = 0; first < blocks.size(); first += kDescEntries, descs++) {
+  for (size_t first = 0; first < blocks.size() && s.ok(); first += kDescEntries, descs++) {
     const size_t count = std::min(kDescEntries, blocks.size() - first);
-    uint8_t* d = buf.data() + size_t(off) * kBlockSize;
+    uint8_t* d = next_block();
     InitHeader(d, BlockType::kJournalDesc, LogBlockNr((head_pos_ + off) % capacity_), uuid_);
     auto* desc = reinterpret_cast<JournalDesc*>(d);
     desc->hdr.seq = seq;
@@ -203,12 +219,17 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
     SealBlock(d);
     hash.Update(d, kBlockSize);
     off++;
-    for (size_t i = 0; i < count; i++, off++) {
-      uint8_t* p = buf.data() + size_t(off) * kBlockSize;
+    for (size_t i = 0; i < count && s.ok(); i++, off++) {
+      uint8_t* p = next_block();
       std::memcpy(p, blocks[first + i].data, kBlockSize);
       hash.Update(p, kBlockSize);
     }
   }
+  if (s.ok() && staged > 0) {
+    s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
+    written += staged;
+  }
+  if (!s.ok()) return Fail(s);
 
   const uint32_t commit_pos = (head_pos_ + body) % capacity_;
   InitHeader(commit.data(), BlockType::kJournalCommit, LogBlockNr(commit_pos), uuid_);
@@ -220,8 +241,7 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   c->commit_ns = RealtimeNs();
   SealBlock(commit.data());
 
-  Status s = WriteLog(head_pos_, buf.data(), body);
-  if (s.ok()) s = dev_->Flush();
+  s = dev_->Flush();
   if (s.ok()) s = WriteLog(commit_pos, commit.data(), 1);
   if (s.ok()) s = dev_->Flush();
   if (!s.ok()) return Fail(s);
