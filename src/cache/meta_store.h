@@ -53,8 +53,14 @@
 
 namespace agorafs {
 
+// What one cached block costs in memory: its 4 KiB plus bookkeeping (Buffer, the
+// cache and LRU entries, the per-lock index: about 380 bytes for an inode block, each
+// inode having its own lock). A cache= size is divided by this.
+inline constexpr size_t kCacheBytesPerBlock = kBlockSize + 384;
+
 struct StoreOptions {
-  size_t cache_blocks = 16384;  // 64 MiB: cached blocks plus committed copies not yet home
+  // Cached blocks plus committed copies not yet home; default 64 MiB in all.
+  size_t cache_blocks = (size_t(64) << 20) / kCacheBytesPerBlock;
   uint32_t commit_interval_ms = 1000;   // background group commit
   bool background = true;               // run the background commit thread
 };

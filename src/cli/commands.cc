@@ -122,7 +122,7 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
         *err = "cache= takes a size of at least 1M";
         return false;
       }
-      mo->store.cache_blocks = n / kBlockSize;
+      mo->store.cache_blocks = n / kCacheBytesPerBlock;
     } else if (key == "commit") {
       if (!ParseSize(val, &n) || n == 0 || n > 600) {
         *err = "commit= takes seconds (1..600)";
