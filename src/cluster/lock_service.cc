@@ -400,6 +400,19 @@ struct LockService::Impl {
   }
 
   // Engine: learn the newest decision; elect when there is no live master.
+  // Engine: reads the newest decision, adopts it if newer; `cur` becomes the master as
+  // this node now sees it. False when the read failed.
+  bool ReadDecision(uint64_t now, PaxosView* view, MasterRecord* cur) {
+    auto v = paxos->ReadDecided();
+    if (!v.ok()) return false;
+    *view = *v;
+    std::lock_guard<std::mutex> g2(mu);
+    last_paxos_ms = now;
+    if (view->decided.epoch > master.epoch) Adopt(view->decided);
+    *cur = master;
+    return true;
+  }
+
   void CheckMaster(const std::vector<PeerInfo>& peers) {
     uint64_t now = BootNowMs();
     bool need_read;
@@ -410,15 +423,7 @@ struct LockService::Impl {
       need_read = cur.slot == kNoSlot || now >= last_paxos_ms + t.heartbeat_ms;
     }
     PaxosView view;
-    if (need_read) {
-      auto v = paxos->ReadDecided();
-      if (!v.ok()) return;
-      view = *v;
-      std::lock_guard<std::mutex> g2(mu);
-      last_paxos_ms = now;
-      if (view.decided.epoch > master.epoch) Adopt(view.decided);
-      cur = master;
-    }
+    if (need_read && !ReadDecision(now, &view, &cur)) return;
     bool alive = false;
     if (cur.slot != kNoSlot) {
       if (cur.slot == me) {
@@ -430,17 +435,11 @@ struct LockService::Impl {
     }
     if (alive) return;
     if (!need_read) {
-      auto v = paxos->ReadDecided();
-      if (!v.ok()) return;
-      view = *v;
-      std::lock_guard<std::mutex> g2(mu);
-      last_paxos_ms = now;
-      if (view.decided.epoch > master.epoch) {
-        // Someone was elected since our last read: follow it (the next tick checks
-        // that it is alive) rather than depose a master that may be seconds old.
-        Adopt(view.decided);
-        return;
-      }
+      uint64_t seen = cur.epoch;
+      if (!ReadDecision(now, &view, &cur)) return;
+      // Someone was elected since our last read: follow it (the next tick checks that
+      // it is alive) rather than depose a master that may be seconds old.
+      if (cur.epoch != seen) return;
     }
     uint64_t epoch = std::max(view.decided.epoch, cur.epoch) + 1;
     {

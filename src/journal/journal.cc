@@ -197,13 +197,14 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   uint32_t staged = 0;   // blocks in `stage` not yet written
   uint32_t written = 0;  // blocks of the body written so far
   Status s;
+  auto write_stage = [&] {
+    s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
+    written += staged;
+    staged = 0;
+  };
   // The next block of the body, in the staging buffer; writes the buffer out when full.
   auto next_block = [&]() -> uint8_t* {
-    if (staged == kStageBlocks) {
-      s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
-      written += staged;
-      staged = 0;
-    }
+    if (staged == kStageBlocks) write_stage();
     return stage.data() + size_t(staged++) * kBlockSize;
   };
   uint32_t descs = 0;
@@ -225,10 +226,7 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
       hash.Update(p, kBlockSize);
     }
   }
-  if (s.ok() && staged > 0) {
-    s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
-    written += staged;
-  }
+  if (s.ok() && staged > 0) write_stage();
   if (!s.ok()) return Fail(s);
 
   const uint32_t commit_pos = (head_pos_ + body) % capacity_;
