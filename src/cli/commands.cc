@@ -129,14 +129,14 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
         return false;
       }
       mo->store.commit_interval_ms = static_cast<uint32_t>(n * 1000);
-    } else if (key == "attr_timeout") {
+    } else if (key == "attr_timeout" || key == "entry_timeout") {
       char* end = nullptr;
       double t = std::strtod(val.c_str(), &end);
       if (val.empty() || *end != '\0' || !(t >= 0 && t <= 86400)) {
-        *err = "attr_timeout= takes seconds (0..86400)";
+        *err = key + "= takes seconds (0..86400)";
         return false;
       }
-      fo->attr_timeout = t;
+      (key == "attr_timeout" ? fo->attr_timeout : fo->entry_timeout) = t;
     } else if (key == "nonet") {
       mo->net_bind.clear();
     } else if (key == "net") {

@@ -51,6 +51,8 @@ namespace {
 thread_local uint64_t t_gate_epoch = 0;
 }  // namespace
 
+uint64_t GateEpoch() { return t_gate_epoch; }
+
 Attr AttrOf(uint64_t ino, const InodeBlock& i) {
   Attr a;
   a.lock_epoch = t_gate_epoch;

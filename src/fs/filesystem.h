@@ -189,7 +189,10 @@ class Filesystem {
   void Release(uint64_t ino);
 
   Result<Attr> GetAttr(uint64_t ino);
-  Result<Attr> Lookup(uint64_t parent, std::string_view name);
+  // `epoch`, if given, receives the lock epoch under which the answer was read,
+  // also when it is kNotFound (0 if the gate could not be taken): a missing name is
+  // as current as a found one while lock_epoch() has not moved.
+  Result<Attr> Lookup(uint64_t parent, std::string_view name, uint64_t* epoch = nullptr);
   Result<Attr> SetAttr(const Caller& c, uint64_t ino, const SetAttrRequest& r);
   Result<Attr> Mknod(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                      uint64_t rdev);

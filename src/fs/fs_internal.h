@@ -10,6 +10,9 @@
 namespace agorafs {
 
 Attr AttrOf(uint64_t ino, const InodeBlock& i);
+// Filesystem::lock_epoch() when this thread's outermost gate pinned the lock; 0
+// outside any gate. What AttrOf stamps into Attr::lock_epoch.
+uint64_t GateEpoch();
 bool ValidIno(const Geometry& g, uint64_t ino);
 // The inode block, verified; kNotFound when ino is not a possible inode number.
 Result<const InodeBlock*> RIno(MetaTxn& h, const Geometry& g, uint64_t ino);

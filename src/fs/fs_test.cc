@@ -469,6 +469,21 @@ TEST_F(FsTest, LockLossMovesTheEpochAndRunsTheHook) {
   EXPECT_GT(a2->lock_epoch, a1->lock_epoch);
   EXPECT_EQ(a2->lock_epoch, fs_->lock_epoch());
 
+  // A lookup reports the epoch it answered under, for a missing name too (the FUSE
+  // adapter lets the kernel cache both until the epoch moves).
+  uint64_t found_epoch = 0, missing_epoch = 0;
+  auto l1 = fs_->Lookup(Root(), "cached", &found_epoch);
+  ASSERT_TRUE(l1.ok());
+  EXPECT_EQ(found_epoch, fs_->lock_epoch());
+  EXPECT_EQ(l1->lock_epoch, found_epoch);
+  auto l2 = fs_->Lookup(Root(), "no-such-name", &missing_epoch);
+  EXPECT_TRUE(l2.status().Is(Code::kNotFound));
+  EXPECT_EQ(missing_epoch, fs_->lock_epoch());
+  ASSERT_TRUE(b->Mkdir(caller_, b->root_ino(), "from-b-2", 0755).ok());
+  auto l3 = fs_->Lookup(Root(), "from-b-2", &missing_epoch);
+  ASSERT_TRUE(l3.ok()) << "a name B created is found once A has the lock back";
+  EXPECT_GT(missing_epoch, found_epoch);
+
   // A forgotten inode leaves the set.
   EXPECT_TRUE(fs_->MarkAttrsCached(f));
   fs_->Forget(f, 1);

@@ -36,8 +36,10 @@ static Result<InodeBlock*> WDir(MetaTxn& h, const Geometry& g, uint64_t ino) {
   return *r;
 }
 
-Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name) {
+Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name, uint64_t* epoch) {
+  if (epoch) *epoch = 0;
   AGFS_GATE(Shared, parent);
+  if (epoch) *epoch = GateEpoch();
   AGFS_RETURN_IF_ERROR(CheckName(name));
   auto h = store_->Begin(true);
   auto pr = RIno(*h, g_, parent);

@@ -14,7 +14,9 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <vector>
 
@@ -30,7 +32,33 @@ struct Ctx {
   // Shared: from the check that attributes may be cached until their reply is written.
   // Exclusive: the lock-loss hook's invalidations (see the header).
   std::shared_mutex reply_mu;
+  // Names are cached only if the kernel can drop them all at once (see the header);
+  // probed once, at the first reply that could cache one.
+  std::once_flag epoch_probe;
+  bool kernel_epochs = false;
+  // A name timeout was handed out since the hook last ran.
+  std::atomic<bool> entries_cached{false};
 };
+
+// FUSE_NOTIFY_INC_EPOCH (Linux 6.16, protocol 7.44), not in libfuse 3.14 nor in
+// Debian 12's kernel headers: a notification with no payload that makes the kernel
+// treat every dentry of the mount created before it as invalid at its next use.
+// Older kernels answer EINVAL.
+constexpr int32_t kFuseNotifyIncEpoch = 8;
+struct FuseOutHeader {  // struct fuse_out_header
+  uint32_t len;
+  int32_t error;  // the notification code when unique is 0
+  uint64_t unique;
+};
+static_assert(sizeof(FuseOutHeader) == 16);
+
+// Returns 0 or -errno.
+int NotifyIncEpoch(fuse_session* se) {
+  FuseOutHeader h{sizeof(FuseOutHeader), kFuseNotifyIncEpoch, 0};
+  ssize_t n = write(fuse_session_fd(se), &h, sizeof(h));
+  if (n == static_cast<ssize_t>(sizeof(h))) return 0;
+  return n < 0 ? -errno : -EIO;
+}
 
 // Kept off the lease's end: the kernel starts the timeout when it reads the reply.
 constexpr uint64_t kLeaseMarginMs = 200;
@@ -68,9 +96,15 @@ void ReplyErr(fuse_req_t req, const Status& s) {
 // The attribute timeout a reply carrying `a` may hand out; call with reply_mu held
 // shared until the reply is written. The kernel must already hold a reference to the
 // inode (AddRef before an entry reply).
+// Regular files get none: their cached pages are checked against mtime and size by
+// the getattr that each read(2) sends while the attributes are not cached. An
+// invalidation makes the kernel discard a getattr reply that was already written but
+// not yet applied, and that read then returns the old pages unchecked — another
+// node's write, made while this node waited for the lock, stays unseen.
 double AttrTimeout(fuse_req_t req, const Attr& a) {
   Ctx* c = C(req);
-  if (c->opts.attr_timeout <= 0 || a.lock_epoch == 0 || a.lock_epoch != c->fs->lock_epoch()) {
+  if (c->opts.attr_timeout <= 0 || S_ISREG(a.mode) || a.lock_epoch == 0 ||
+      a.lock_epoch != c->fs->lock_epoch()) {
     return 0;
   }
   uint64_t lease = c->fs->LeaseRemainingMs();
@@ -79,9 +113,37 @@ double AttrTimeout(fuse_req_t req, const Attr& a) {
   return std::min(c->opts.attr_timeout, double(lease - kLeaseMarginMs) / 1000.0);
 }
 
-// The lock-loss hook: takes back every attribute timeout handed out.
-void InvalidateCachedAttrs(Ctx* c) {
+// The name timeout a reply may hand out for an answer (an entry, or the absence of
+// one) read under lock epoch `epoch`; call with reply_mu held shared until the reply
+// is written.
+double EntryTimeout(fuse_req_t req, uint64_t epoch) {
+  Ctx* c = C(req);
+  if (c->opts.entry_timeout <= 0 || epoch == 0 || epoch != c->fs->lock_epoch()) return 0;
+  std::call_once(c->epoch_probe, [c] {
+    int rc = NotifyIncEpoch(c->se);
+    c->kernel_epochs = rc == 0;
+    if (rc == 0) {
+      spdlog::info("the kernel caches names (FUSE_NOTIFY_INC_EPOCH drops them when the lock moves)");
+    } else {
+      spdlog::info("the kernel cannot drop all cached names at once ({}; Linux 6.16 can): "
+                   "every path walk asks the daemon", strerror(-rc));
+    }
+  });
+  if (!c->kernel_epochs) return 0;
+  uint64_t lease = c->fs->LeaseRemainingMs();
+  if (lease <= kLeaseMarginMs) return 0;
+  c->entries_cached.store(true);
+  return std::min(c->opts.entry_timeout, double(lease - kLeaseMarginMs) / 1000.0);
+}
+
+// The lock-loss hook: takes back every name and attribute timeout handed out.
+void InvalidateKernelCaches(Ctx* c) {
   std::unique_lock<std::shared_mutex> lk(c->reply_mu);
+  if (c->entries_cached.exchange(false)) {
+    int rc = NotifyIncEpoch(c->se);
+    // ENODEV: the mount is gone, and its names with it.
+    if (rc != 0 && rc != -ENODEV) spdlog::error("dropping the kernel's cached names: {}", strerror(-rc));
+  }
   for (uint64_t ino : c->fs->TakeAttrsCached()) {
     int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
     // ENOENT: the kernel has already dropped the inode.
@@ -107,6 +169,7 @@ void ReplyEntry(fuse_req_t req, const Result<Attr>& r) {
   fs->AddRef(r->ino, r->generation);
   std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
   e.attr_timeout = AttrTimeout(req, *r);
+  e.entry_timeout = EntryTimeout(req, r->lock_epoch);
   if (fuse_reply_entry(req, &e) != 0) fs->Forget(r->ino, 1);
 }
 
@@ -145,12 +208,14 @@ void OpDestroy(void* userdata) {
 }
 
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  auto r = F(req)->Lookup(ToFs(req, parent), name);
+  uint64_t epoch = 0;
+  auto r = F(req)->Lookup(ToFs(req, parent), name, &epoch);
   if (!r.ok() && r.status().Is(Code::kNotFound)) {
-    // A negative entry the kernel does not keep: another node may create the name at
-    // any time.
+    // A negative entry, kept like a positive one until the lock moves.
     fuse_entry_param e;
     std::memset(&e, 0, sizeof(e));
+    std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
+    e.entry_timeout = EntryTimeout(req, epoch);
     fuse_reply_entry(req, &e);
     return;
   }
@@ -277,6 +342,7 @@ void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   fs->AddRef(r->ino, r->generation);
   std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
   e.attr_timeout = AttrTimeout(req, *r);
+  e.entry_timeout = EntryTimeout(req, r->lock_epoch);
   if (fuse_reply_create(req, &e, fi) != 0) {
     fs->Release(r->ino);
     fs->Forget(r->ino, 1);
@@ -554,7 +620,7 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
     return 1;
   }
   ctx.se = se;
-  fs->SetLockLossHook([c = &ctx] { InvalidateCachedAttrs(c); });
+  fs->SetLockLossHook([c = &ctx] { InvalidateKernelCaches(c); });
   int rc = 1;
   if (fuse_set_signal_handlers(se) == 0) {
     if (fuse_session_mount(se, opts.mountpoint.c_str()) == 0) {

@@ -16,10 +16,21 @@
 //   the lock moves. The check, the mark and the reply write happen under reply_mu
 //   shared and the hook runs under it exclusive, so every reply that promised a
 //   timeout lands before the invalidation that takes it back. readdirplus attributes
-//   get no timeout (its reply is built inside the filesystem call).
-// - Entries (names) are not cached (entry timeout 0): invalidating a name takes the
-//   parent directory's inode lock in the kernel, which a create waiting for the
-//   filesystem lock may hold. Every path walk asks the daemon with a LOOKUP.
+//   get no timeout (its reply is built inside the filesystem call). Regular files get
+//   none either: each read(2) then asks for them and the kernel drops stale pages
+//   (an invalidation racing a getattr reply would make the kernel discard the reply
+//   and serve that read from old pages; docs/DESIGN.md, "The kernel's caches").
+// - Entries (names, found or not found) get a timeout the same way (up to
+//   entry_timeout, default 60 s, never beyond the lease), read under the current lock
+//   epoch, but only when the kernel supports FUSE_NOTIFY_INC_EPOCH (Linux 6.16; probed
+//   by sending one at the first such reply). The hook then sends one more, which makes
+//   the kernel drop every name it looked up before it, without taking any inode lock.
+//   (fuse_lowlevel_notify_inval_entry would take the parent directory's inode lock,
+//   which a create waiting for the filesystem lock may hold: a deadlock from the
+//   revoke path.) The kernel stamps each name with its epoch before it sends the
+//   request, so a reply written before the hook's notification is dropped by it. On
+//   older kernels names are not cached and every path walk asks the daemon.
+//   readdirplus names get no timeout: the kernel stamps them only after the reply.
 // - File pages are cached but dropped at every open, and (FUSE_CAP_AUTO_INVAL_DATA)
 //   when the getattr that follows an attribute invalidation shows another mtime or
 //   size; Filesystem makes mtime move forward on every data change.
@@ -41,6 +52,7 @@ struct FuseOptions {
   bool allow_other = false;
   bool foreground = true;          // the CLI daemonises before calling RunFuse
   double attr_timeout = 60.0;  // upper bound; 0 = the kernel caches no attributes
+  double entry_timeout = 60.0;  // upper bound; 0 = the kernel caches no names
   unsigned max_threads = 8;        // each keeps a 1 MiB request buffer
   std::vector<std::string> extra;  // extra -o options passed to libfuse
   int ready_fd = -1;               // written "0\n" once mounted, then closed
