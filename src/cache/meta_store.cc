@@ -207,6 +207,11 @@ Status MetaStore::Handle::Free(uint64_t blk, uint64_t count) {
 // Cache
 
 void MetaStore::Touch(Buffer* b) {
+  if (b->readahead) {
+    b->readahead = false;
+    ra_used_++;
+    stats_.readahead_used++;
+  }
   if (b->in_lru) lru_.splice(lru_.begin(), lru_, b->lru);
 }
 
@@ -224,6 +229,7 @@ void MetaStore::DropBufferLocked(uint64_t blk) {
   auto it = cache_.find(blk);
   if (it == cache_.end()) return;
   Buffer* b = it->second.get();
+  if (b->readahead) ra_unused_++;
   if (b->in_lru) lru_.erase(b->lru);
   if (b->dirty) dirty_.erase(blk);
   auto bl = by_lock_.find(b->lock);
@@ -298,11 +304,20 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
 // those that are valid inodes: inodes created together sit together, so a cold
 // `ls -l` or stat of many files costs one read per window instead of one per file.
 // A neighbour is cached only if it is not cached already, is not a freed block whose
-// newer copy may still be on its way home, fits the budget, and its lock is held.
+// newer copy may still be on its way home, and its lock is held. Neighbours go to the
+// recent end of the LRU list, just behind `blk`, evicting the least recent blocks
+// (also when the cache is full: a scan larger than the cache is what gains most), and
+// count as used at their first hit. While most of them are evicted unused (random
+// access), only every 32nd miss reads a window, to notice when they pay again.
 Status MetaStore::ReadInodesAround(uint64_t blk, uint8_t* out) {
   constexpr uint64_t kWindow = 16;
   uint64_t n = std::min<uint64_t>(kWindow, g_.total_blocks - 1 - blk);
-  if (n <= 1 || BlocksInMemory() + n > opts_.cache_blocks) {
+  if (ra_used_ + ra_unused_ > 4096) {
+    ra_used_ /= 2;
+    ra_unused_ /= 2;
+  }
+  bool pays = ra_unused_ <= 2 * ra_used_ + 64 || ++ra_misses_ % 32 == 0;
+  if (n <= 1 || !pays) {
     return dev_->Read(blk * kBlockSize, out, kBlockSize);
   }
   thread_local AlignedBuffer window(kWindow * kBlockSize);
@@ -321,9 +336,10 @@ Status MetaStore::ReadInodesAround(uint64_t blk, uint8_t* out) {
     if (!nb->data.data()) break;
     nb->blk = b2;
     nb->lock = lock2;
+    nb->readahead = true;
     std::memcpy(nb->data.data(), src, kBlockSize);
-    lru_.push_back(b2);  // coldest: evicted first unless used
-    nb->lru = std::prev(lru_.end());
+    lru_.push_front(b2);  // the caller then puts `blk` in front of them
+    nb->lru = lru_.begin();
     nb->in_lru = true;
     cache_[b2] = std::move(nb);
     by_lock_[lock2].insert(b2);

@@ -73,6 +73,7 @@ struct StoreStats {
   uint64_t cache_misses = 0;
   uint64_t cached_blocks = 0;
   uint64_t readahead_blocks = 0;  // inode blocks cached by reading around a miss
+  uint64_t readahead_used = 0;    // ... of which were used before being evicted
 };
 
 class MetaStore {
@@ -155,6 +156,7 @@ class MetaStore {
     uint64_t unhomed_seq = 0;     // newest committed seq not yet written home (0 = none)
     std::list<uint64_t>::iterator lru;
     bool in_lru = false;
+    bool readahead = false;       // cached by ReadInodesAround and not used since
   };
   struct Committed {
     uint64_t seq;
@@ -208,9 +210,13 @@ class MetaStore {
   bool ags_stale_ = false;           // counts dropped by DropAll: reload at Begin
   uint64_t free_total_ = 0;
   size_t unhomed_copies_ = 0;
-  uint64_t pending_total_ = 0;  // blocks in pending_free_  // blocks held in committed_ (memory not yet released)
+  uint64_t pending_total_ = 0;  // blocks in pending_free_
   Status failed_;
   StoreStats stats_;
+  // Readahead feedback, halved now and then so that it follows the workload: blocks
+  // read around a miss that were used, and that were evicted unused.
+  uint64_t ra_used_ = 0, ra_unused_ = 0;
+  uint32_t ra_misses_ = 0;  // inode misses, for the occasional probe while it does not pay
 
   std::thread bg_;
   bool stop_ = false;

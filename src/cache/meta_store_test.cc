@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <random>
 
 #include "device/fault_device.h"
 #include "device/mem_device.h"
@@ -181,6 +182,44 @@ TEST_F(MetaStoreTest, ColdInodeReadCachesItsNeighboursOnly) {
   auto h = store_->Begin(true);
   EXPECT_FALSE(h->Read(inos[5], BlockType::kInode, InodeLock(inos[5])).ok() &&
                store_->stats().cache_misses == 1u);
+}
+
+// A scan of more inodes than the cache holds still reads them a window at a time;
+// random reads over a large set soon stop paying for windows they do not use.
+TEST_F(MetaStoreTest, InodeReadaheadFollowsTheAccessPattern) {
+  constexpr int kInodes = 3000;
+  std::vector<uint64_t> inos;
+  for (int done = 0; done < kInodes;) {
+    auto h = store_->Begin(false, 256);
+    for (int i = 0; i < 200 && done < kInodes; i++, done++) {
+      auto nb = h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), 0);
+      ASSERT_TRUE(nb.ok()) << nb.status().ToString();
+      inos.push_back(nb->first);
+    }
+  }
+  ASSERT_TRUE(store_->Sync().ok());
+  Open(256);  // cold, and far smaller than the set
+  for (uint64_t ino : inos) {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(ino, BlockType::kInode, InodeLock(ino)).ok());
+  }
+  StoreStats st = store_->stats();
+  EXPECT_LE(st.cache_misses, uint64_t(kInodes) / 8) << "the scan missed on most inodes";
+  EXPECT_GE(st.readahead_used, uint64_t(kInodes) * 3 / 4);
+  EXPECT_LE(st.cached_blocks, 256u + 16);
+
+  Open(256);
+  std::mt19937_64 rng(7);
+  constexpr int kReads = 600;
+  for (int i = 0; i < kReads; i++) {
+    uint64_t ino = inos[rng() % inos.size()];
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(ino, BlockType::kInode, InodeLock(ino)).ok());
+  }
+  st = store_->stats();
+  // Every miss reading a window would cache about 15 neighbours each.
+  EXPECT_LT(st.readahead_blocks, uint64_t(st.cache_misses) * 15 / 4)
+      << st.cache_misses << " misses";
 }
 
 }  // namespace
