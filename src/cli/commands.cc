@@ -17,6 +17,7 @@
 #include "cluster/status.h"
 #include "util/json.h"
 #include "device/block_device.h"
+#include "device/device_guard.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
 #include "fsck/fsck.h"
@@ -55,6 +56,12 @@ int RunMkfs(const MkfsArgs& a) {
     }
     oo.create = true;
     oo.create_size = bytes / kBlockSize * kBlockSize;
+  }
+  DeviceUseOptions uo;
+  uo.allow_world_writable = a.force;
+  if (Status use = CheckDeviceUse(a.device, uo); !use.ok()) {
+    Fail(use.message() + (use.Is(Code::kPermission) ? " (--force)" : ""));
+    return 1;
   }
   auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
@@ -105,8 +112,13 @@ int RunMkfs(const MkfsArgs& a) {
   return 0;
 }
 
+// Options only the CLI itself uses.
+struct CliMountOptions {
+  bool allow_world_writable = false;
+};
+
 static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOptions* fo,
-                              std::string* err) {
+                              CliMountOptions* co, std::string* err) {
   std::stringstream ss(s);
   std::string opt;
   while (std::getline(ss, opt, ',')) {
@@ -117,6 +129,8 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
     uint64_t n;
     if (key == "allow_other") {
       fo->allow_other = true;
+    } else if (key == "allow_world_writable") {
+      co->allow_world_writable = true;
     } else if (key == "cache") {
       if (!ParseSize(val, &n) || n < (1 << 20)) {
         *err = "cache= takes a size of at least 1M";
@@ -211,9 +225,16 @@ int RunMount(const MountArgs& a) {
   fo.mountpoint = a.mountpoint;
   fo.fsname = "agorafs:" + a.device;
   std::string err;
-  if (!ParseMountOptions(a.options, &mo, &fo, &err)) {
+  CliMountOptions co;
+  if (!ParseMountOptions(a.options, &mo, &fo, &co, &err)) {
     Fail(err);
     return 2;
+  }
+  DeviceUseOptions uo;
+  uo.allow_world_writable = co.allow_world_writable;
+  if (Status use = CheckDeviceUse(a.device, uo); !use.ok()) {
+    Fail(use.message() + (use.Is(Code::kPermission) ? " (-o allow_world_writable)" : ""));
+    return 1;
   }
   struct stat st;
   if (stat(a.mountpoint.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
@@ -378,6 +399,14 @@ int RunInfo(const InfoArgs& a) {
 int RunFsck(const FsckArgs& a) {
   OpenOptions oo;
   oo.read_only = !a.repair;
+  if (a.repair) {
+    DeviceUseOptions uo;
+    uo.allow_world_writable = true;  // the administrator is repairing it
+    if (Status use = CheckDeviceUse(a.device, uo); !use.ok()) {
+      Fail(use.message());
+      return 8;
+    }
+  }
   auto dev = OpenDevice(a.device, oo);
   if (!dev.ok()) {
     Fail(dev.status().message());

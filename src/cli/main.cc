@@ -35,7 +35,8 @@ int main(int argc, char** argv) {
   mkfs->add_option("--io-timeout-ms", mk.io_timeout_ms, "Override the profile's I/O timeout");
   mkfs->add_option("--dead-after-ms", mk.dead_after_ms,
                    "Override after how long a silent node is declared dead");
-  mkfs->add_flag("--force", mk.force, "Overwrite an existing filesystem");
+  mkfs->add_flag("--force", mk.force,
+                 "Overwrite an existing filesystem, and accept a world-writable device");
   mkfs->add_option("DEVICE", mk.device, "Block device or image file")->required();
 
   MountArgs mo;
@@ -43,7 +44,8 @@ int main(int argc, char** argv) {
   mount->add_flag("-f,--foreground", mo.foreground, "Stay in the foreground");
   mount->add_option("-o", mo.options,
                     "Comma-separated: allow_other, cache=SIZE, commit=SECONDS, net=IP:PORT, nonet, "
-                    "poll=MS, attr_timeout=SECONDS, nosuid, nodev, noexec, fsname=NAME")
+                    "poll=MS, hold=MS, attr_timeout=SECONDS, entry_timeout=SECONDS, nosuid, "
+                    "nodev, noexec, fsname=NAME, allow_world_writable")
       ->default_val("");
   mount->add_option("DEVICE", mo.device, "Block device or image file")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "Directory to mount on")->required();

@@ -58,6 +58,7 @@ struct SlotRead {
   enum Kind : uint8_t { kOk, kZero, kBad } kind = kZero;
   SlotBlock b{};    // kOk: the block; kZero: all zero (mkfs state = free, generation 0)
   std::string why;  // kBad: why verification failed
+  bool foreign = false;  // kBad: an intact heartbeat of another filesystem
 };
 
 bool IsMounted(const SlotRead& r) { return r.kind == SlotRead::kOk && r.b.state == kSlotMounted; }
@@ -161,6 +162,7 @@ struct Membership::Impl {
     } else {
       r.kind = SlotRead::kBad;
       r.why = v.ToString();
+      r.foreign = IsForeignBlock(buf.data(), BlockType::kSlot, Blk(s), uuid);
     }
     return r;
   }
@@ -241,6 +243,15 @@ struct Membership::Impl {
       uint32_t mounted = 0, unreadable = 0;
       for (uint32_t s = 0; s < g.node_slots; s++) {
         const SlotRead& x = r[s];
+        if (x.foreign) {
+          // mkfs zeroed the slot region: a node of another filesystem wrote this since,
+          // so it writes to this device too and would overwrite what we write.
+          return Err(Code::kBusy, "node slot " + std::to_string(s) + " on " + dev->Name() +
+                                      " holds the heartbeat of another filesystem: a node "
+                                      "of another cluster is using this device (after "
+                                      "unmounting it there, 'agorafs fsck --repair' clears "
+                                      "the slot)");
+        }
         if (x.kind == SlotRead::kBad) {
           unreadable++;
         } else if (!IsMounted(x)) {

@@ -308,6 +308,35 @@ TEST(MembershipTest, UnreadableSlotIsNeverClaimed) {
   EXPECT_EQ(b.status().code(), Code::kBusy);
 }
 
+// An intact heartbeat of another filesystem means a node of another cluster writes to
+// this device: joining would have two clusters overwrite each other. Junk does not.
+TEST(MembershipTest, ForeignHeartbeatRefusesTheJoin) {
+  Cluster c(3);
+  AlignedBuffer b(kBlockSize);
+  uint64_t blk = GeometryOf(c.sb).SlotBlock(2, kSlotHeartbeat);
+  Uuid other{};
+  other.fill(0x42);
+  SlotBlock foreign;
+  std::memset(&foreign, 0, sizeof(foreign));
+  foreign.state = kSlotMounted;
+  std::memcpy(b.data(), &foreign, kBlockSize);
+  InitHeader(b.data(), BlockType::kSlot, blk, other);
+  SealBlock(b.data());
+  ASSERT_TRUE(c.disk.Write(blk * kBlockSize, b.data(), kBlockSize).ok());
+  auto a = c.Join(c.Path());
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.status().code(), Code::kBusy);
+  EXPECT_NE(a.status().message().find("another filesystem"), std::string::npos)
+      << a.status().ToString();
+  EXPECT_NE(a.status().message().find("slot 2"), std::string::npos);
+
+  b.data()[100] ^= 1;  // the same block damaged: unreadable, never claimed, no refusal
+  ASSERT_TRUE(c.disk.Write(blk * kBlockSize, b.data(), kBlockSize).ok());
+  auto a2 = c.Join(c.Path());
+  ASSERT_TRUE(a2.ok()) << a2.status().ToString();
+  EXPECT_NE((*a2)->slot(), 2u);
+}
+
 // ---------------------------------------------------------------------------- liveness
 
 TEST(MembershipTest, SilentNodeIsSeenDead) {

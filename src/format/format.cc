@@ -88,6 +88,13 @@ Status VerifyBlock(const uint8_t* block, BlockType type, uint64_t blocknr, const
   return Status::Ok();
 }
 
+bool IsForeignBlock(const uint8_t* block, BlockType type, uint64_t blocknr, const Uuid& uuid) {
+  const BlockHeader* h = Header(block);
+  return h->magic == kMagic && h->type == static_cast<uint16_t>(type) && h->blocknr == blocknr &&
+         h->checksum == BlockChecksum(block) &&
+         std::memcmp(h->uuid, uuid.data(), uuid.size()) != 0;
+}
+
 uint32_t Geometry::AgSize(uint32_t ag) const {
   if (ag + 1 < ag_count) return ag_blocks;
   uint64_t end = total_blocks - 1;  // last block holds a superblock copy

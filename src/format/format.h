@@ -82,6 +82,9 @@ void SealBlock(uint8_t* block);
 // Accepts the block only if magic, type, blocknr, uuid and checksum all match.
 // Returns kCorruption naming the block and the first mismatch.
 Status VerifyBlock(const uint8_t* block, BlockType type, uint64_t blocknr, const Uuid& uuid);
+// True when the block is intact (magic, type, blocknr and checksum match) but carries
+// another filesystem's UUID: written by a node of another filesystem, not damaged.
+bool IsForeignBlock(const uint8_t* block, BlockType type, uint64_t blocknr, const Uuid& uuid);
 uint64_t BlockChecksum(const uint8_t* block);  // over the block with checksum zeroed
 // True when all kBlockSize bytes are zero: a block never written since mkfs zeroed it
 // (cluster blocks read as their initial state then, not as corruption).

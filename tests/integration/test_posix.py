@@ -320,6 +320,16 @@ class PermissionTest(MountedTest):
             as_user(nobody, nobody, os.chown, self.p("private"), nobody, nobody)
         with self.assertRaises(PermissionError):
             as_user(nobody, nobody, os.setxattr, self.p("private"), "trusted.x", b"1")
+        # security.*: the kernel leaves it to the filesystem; root only, even on a file
+        # the caller owns.
+        with open(self.p("owned"), "w"):
+            pass
+        os.chown(self.p("owned"), nobody, nobody)
+        as_user(nobody, nobody, os.setxattr, self.p("owned"), "user.ok", b"1")
+        with self.assertRaises(PermissionError):
+            as_user(nobody, nobody, os.setxattr, self.p("owned"), "security.x", b"1")
+        os.setxattr(self.p("owned"), "security.x", b"root may")
+        self.assertEqual(os.getxattr(self.p("owned"), "security.x"), b"root may")
 
     def test_new_files_owned_by_caller_and_setgid_dirs(self):
         os.chmod(self.mnt, 0o777)
@@ -340,6 +350,11 @@ class PermissionTest(MountedTest):
         as_user(1000, 1000, lambda: open(self.p("tmp", "a"), "w").close())
         with self.assertRaises(PermissionError):
             as_user(1001, 1001, os.unlink, self.p("tmp", "a"))
+        with self.assertRaises(PermissionError):
+            as_user(1001, 1001, os.rename, self.p("tmp", "a"), self.p("tmp", "b"))
+        as_user(1001, 1001, lambda: open(self.p("tmp", "c"), "w").close())
+        with self.assertRaises(PermissionError):  # nor replace someone else's file
+            as_user(1001, 1001, os.rename, self.p("tmp", "c"), self.p("tmp", "a"))
         as_user(1000, 1000, os.unlink, self.p("tmp", "a"))
 
     def test_suid_cleared_on_write_and_chown(self):
