@@ -5,8 +5,9 @@ namespace that holds nothing but loopback (no network between nodes at all).
 
 What is checked: every operation's effect is visible on the other nodes as soon as
 the call returns; a coherence checker (no read older than a write that completed
-before it began); three nodes racing on one set of names; O_APPEND records from three
-nodes all land whole; a node killed
+before it began); three nodes racing on one set of names; shared memory maps with
+msync on two nodes; trees built on one node and deleted from another; O_APPEND records
+from three nodes all land whole; a node killed
 with SIGKILL during a metadata-heavy workload (ten rounds) loses nothing it fsync'ed
 and the others go on; one node mounting and unmounting over and over does not
 disturb two others at work; fsck is clean afterwards."""
@@ -303,6 +304,86 @@ class MultiNodeCases:
                 self.assertEqual(rf.read(4096), b"%08d" % version * 512, f"version {version}")
         r.unmount(0)
         r.unmount(1)
+        self.assert_fsck_clean(r)
+
+    def test_multi_mmap(self):
+        # What docs/DESIGN.md promises for memory maps (ocfs2-test's multi_mmap): a
+        # shared mapping's writes reach the other nodes at msync; a mapping sees another
+        # node's write(2) after this node's next read(2) of the file.
+        r = self.rig(2)
+        a, b = r.mount(0), r.mount(1)
+        size = 4 * mmap.PAGESIZE
+        write(os.path.join(a, "m"), b"\0" * size)
+        fa = os.open(os.path.join(a, "m"), os.O_RDWR)
+        fb = os.open(os.path.join(b, "m"), os.O_RDWR)
+        try:
+            ma = mmap.mmap(fa, size, mmap.MAP_SHARED)
+            mb = mmap.mmap(fb, size, mmap.MAP_SHARED)
+            for rnd in range(1, 6):
+                page = (rnd % 4) * mmap.PAGESIZE
+                stamp = b"A%03d" % rnd * 16
+                ma[page:page + len(stamp)] = stamp
+                ma.flush()  # msync(MS_SYNC)
+                self.assertEqual(os.pread(fb, len(stamp), page), stamp, f"round {rnd}: B read(2)")
+                self.assertEqual(mb[page:page + len(stamp)], stamp, f"round {rnd}: B's mapping")
+                stamp = b"B%03d" % rnd * 16
+                mb[page + 1024:page + 1024 + len(stamp)] = stamp
+                mb.flush()
+                self.assertEqual(os.pread(fa, len(stamp), page + 1024), stamp, f"round {rnd}: A read(2)")
+                self.assertEqual(ma[page + 1024:page + 1024 + len(stamp)], stamp, f"round {rnd}: A's map")
+                os.pwrite(fa, b"W%03d" % rnd * 8, page + 2048)  # write(2) on A
+                os.pread(fb, 1, 0)  # B's next read(2) of the file
+                self.assertEqual(mb[page + 2048:page + 2048 + 32], b"W%03d" % rnd * 8, f"round {rnd}")
+            ma.close()
+            mb.close()
+        finally:
+            os.close(fa)
+            os.close(fb)
+        data = read(os.path.join(b, "m"))
+        self.assertEqual(data[mmap.PAGESIZE:mmap.PAGESIZE + 64], b"A005" * 16)  # rounds 1 and 5
+        r.unmount(0)
+        r.unmount(1)
+        self.assert_fsck_clean(r)
+
+    def test_cross_delete(self):
+        # ocfs2-test's cross_delete: each node builds a tree, another node deletes it
+        # while the builder starts the next one; nothing is left over, fsck is clean.
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+        for rnd in range(3):
+            for i in range(3):
+                top = os.path.join(mps[i], f"tree{i}-{rnd}")
+                for d in range(4):
+                    os.makedirs(os.path.join(top, f"d{d}", "sub"))
+                    for f in range(10):
+                        write(os.path.join(top, f"d{d}", "sub" if f % 2 else "", f"f{f}"),
+                              b"x" * (f * 300))
+            errors = []
+
+            def delete(node, tree):
+                try:
+                    for root, dirs, files in os.walk(tree, topdown=False):
+                        for f in files:
+                            os.unlink(os.path.join(root, f))
+                        for d in dirs:
+                            os.rmdir(os.path.join(root, d))
+                    os.rmdir(tree)
+                except OSError as e:
+                    errors.append(f"node {node} deleting {tree}: {e!r}")
+            ts = [threading.Thread(target=delete,
+                                   args=((i + 1) % 3, os.path.join(mps[(i + 1) % 3], f"tree{i}-{rnd}")))
+                  for i in range(3)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            self.assertEqual(errors, [])
+            for k in range(3):
+                self.assertEqual(sorted(os.listdir(mps[k])), [], f"node {k} after round {rnd}")
+        free = {os.statvfs(mps[k]).f_bfree for k in range(3)}
+        self.assertEqual(len(free), 1, free)
+        for i in range(3):
+            r.unmount(i)
         self.assert_fsck_clean(r)
 
     def test_o_append_records_from_three_nodes_all_land_whole(self):
