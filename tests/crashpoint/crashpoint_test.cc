@@ -2,7 +2,7 @@
 // rebuilds the disk images a power cut could have left (every barrier's prefix plus
 // sampled subsets and orders of the writes in flight, see device/crash_replay.h), and
 // each image must (0) check with fsck as found, showing only a journal to replay and
-// orphans, (1) mount, replaying the crashed node's journal, (2) hold exactly
+// orphans, (1) mount, recovering every crashed node (journal replay), (2) hold exactly
 // what every fsync/fsyncdir that had returned before the cut made durable, (3)
 // unmount cleanly and (4) check clean with fsck.
 //
@@ -149,9 +149,14 @@ std::string Base(const std::string& p) { return p.substr(p.rfind('/') + 1); }
 
 class Driver {
  public:
-  Driver(Filesystem* fs, const RecordingDevice* rec) : fs_(fs), tracker_(rec) {
+  // One or more nodes mounted on the same recorded device; operations go to node 0
+  // until Use() picks another.
+  Driver(std::vector<Filesystem*> nodes, const RecordingDevice* rec)
+      : nodes_fs_(std::move(nodes)), fs_(nodes_fs_[0]), tracker_(rec) {
     paths_["/"] = NewNode(true);
   }
+  size_t node_count() const { return nodes_fs_.size(); }
+  void Use(size_t node) { fs_ = nodes_fs_[node % nodes_fs_.size()]; }
 
   SyncTracker& tracker() { return tracker_; }
   bool Exists(const std::string& p) const { return paths_.count(p) != 0; }
@@ -268,6 +273,7 @@ class Driver {
     return out;
   }
 
+  std::vector<Filesystem*> nodes_fs_;
   Filesystem* fs_;
   Caller c_;
   SyncTracker tracker_;
@@ -416,6 +422,44 @@ void HardLinkWorkload(Driver& d, std::mt19937_64& rng) {
   d.Fsync("/y");
 }
 
+// Two nodes at once on shared directories: creates, appends, renames and unlinks
+// from either node, fsync from either (the filesystem lock moves between them at
+// almost every step, so each handover commits and writes home the other's changes).
+// Both nodes are cut at the same instant.
+void TwoNodeWorkload(Driver& d, std::mt19937_64& rng) {
+  d.Mkdir("/s");
+  d.Mkdir("/t");
+  d.Fsync("/");
+  const std::vector<std::string> dirs = {"/s", "/t"};
+  int next = 0;
+  for (int op = 0; op < 100; op++) {
+    d.Use(rng() % d.node_count());
+    const std::string dir = dirs[rng() % dirs.size()];
+    std::vector<std::string> files = d.Files(dir);
+    const int kind = int(rng() % 10);
+    if (kind < 3 || files.empty()) {
+      std::string p = dir + "/n" + std::to_string(next++);
+      d.Create(p);
+      d.Write(p, 0, Data(rng, 1 + rng() % 5000));
+    } else if (kind < 5) {
+      const std::string& p = files[rng() % files.size()];
+      d.Append(p, Data(rng, 1 + rng() % 9000));
+    } else if (kind < 6) {
+      d.Rename(files[rng() % files.size()],
+               dirs[rng() % dirs.size()] + "/n" + std::to_string(next++));
+    } else if (kind < 7) {
+      d.Unlink(files[rng() % files.size()]);
+    } else if (kind < 9) {
+      d.Fsync(files[rng() % files.size()]);
+    } else {
+      d.Fsync(dir);
+    }
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  d.Use(0);
+  for (const auto& p : dirs) d.Fsync(p);
+}
+
 // ------------------------------------------------------------------------------
 // Checking one crash image.
 
@@ -491,6 +535,26 @@ Status CheckCrashedImage(MemDevice* mem) {
   return Status::Ok();
 }
 
+Status WaitForRecoveries(Filesystem* fs, const MountOptions& mo) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(20 * uint64_t(mo.dead_after_ms_override));
+  const uint32_t self = fs->info().slot;
+  for (;;) {
+    std::string pending;
+    for (const PeerInfo& p : fs->membership()->Peers()) {
+      if (p.slot == self || p.state == PeerState::kFree || p.state == PeerState::kRecovered) {
+        continue;
+      }
+      pending += " slot " + std::to_string(p.slot) + " (" + PeerStateName(p.state) + ")";
+    }
+    if (pending.empty()) return Status::Ok();
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Err(Code::kTimedOut, "crashed node slots never recovered:" + pending);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
 // fsck of the crash image as found (every `fsck_every`th image), then mount (journal
 // replay), check the synced state, unmount, fsck. OK or what failed.
 Status CheckImage(std::vector<uint8_t> image, const std::vector<SyncTracker::Want>& wants,
@@ -500,14 +564,19 @@ Status CheckImage(std::vector<uint8_t> image, const std::vector<SyncTracker::Wan
   auto m = Filesystem::Mount(std::make_unique<FaultDevice>(mem), mo);
   if (!m.ok()) return Err(m.status().code(), "mount: " + m.status().ToString());
   std::unique_ptr<Filesystem> fs = std::move(m).value();
-  Status st;
+  // A crashed node that held no lock (e.g. cut inside its unmount, after it let the
+  // lock go and before it freed its slot) does not hold the mount up: it is declared
+  // dead and recovered once this node has watched its heartbeat stand still long
+  // enough. Stay mounted until every other slot is free or recovered.
+  Status st = WaitForRecoveries(fs.get(), mo);
   for (const auto& w : wants) {
-    st = CheckWant(fs.get(), w);
     if (!st.ok()) break;
+    st = CheckWant(fs.get(), w);
+    if (!st.ok()) st = Err(st.code(), "synced state: " + st.message());
   }
   Status um = fs->Unmount();
   fs.reset();
-  if (!st.ok()) return Err(st.code(), "synced state: " + st.message());
+  if (!st.ok()) return Err(st.code(), "after mount: " + st.message());
   if (!um.ok()) return Err(um.code(), "unmount: " + um.ToString());
   FsckOptions fo;
   fo.heartbeat_ms_override = 50;
@@ -527,10 +596,11 @@ struct RunResult {
   uint64_t retries = 0;  // checks repeated with slow timings after a lease lapse
 };
 
-void RunWorkload(const char* name, Workload w, uint64_t seed, uint64_t images, RunResult* out) {
+void RunWorkload(const char* name, Workload w, size_t nodes, uint64_t seed, uint64_t images,
+                 RunResult* out) {
   auto mem = std::make_shared<MemDevice>(kDeviceBytes, "crashpoint");
   MkfsOptions mo;
-  mo.params.node_slots = 2;
+  mo.params.node_slots = uint32_t(nodes + 1);  // one more for the checking mount
   mo.params.journal_blocks = kMinJournalBlocks;
   ASSERT_TRUE(Mkfs(mem.get(), mo).ok());
   ASSERT_TRUE(mem->Flush().ok());
@@ -539,15 +609,22 @@ void RunWorkload(const char* name, Workload w, uint64_t seed, uint64_t images, R
   auto rec = std::make_shared<RecordingDevice>(mem.get());
   std::unique_ptr<SyncTracker> tracker;
   {
-    // Long lease: nothing to declare dead here, and a lapse would fail the workload.
-    auto m = Filesystem::Mount(std::make_unique<FaultDevice>(rec), SlowNodeOptions());
-    ASSERT_TRUE(m.ok()) << m.status().ToString();
-    std::unique_ptr<Filesystem> fs = std::move(m).value();
-    Driver d(fs.get(), rec.get());
+    std::vector<std::unique_ptr<Filesystem>> fss;
+    std::vector<Filesystem*> ptrs;
+    for (size_t i = 0; i < nodes; i++) {
+      // Long lease: nothing to declare dead here, and a lapse would fail the workload.
+      MountOptions o = SlowNodeOptions();
+      o.host = "node" + std::to_string(i);
+      auto m = Filesystem::Mount(std::make_unique<FaultDevice>(rec), o);
+      ASSERT_TRUE(m.ok()) << m.status().ToString();
+      fss.push_back(std::move(m).value());
+      ptrs.push_back(fss.back().get());
+    }
+    Driver d(ptrs, rec.get());
     std::mt19937_64 rng(seed);
     w(d, rng);
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
-    ASSERT_TRUE(fs->Unmount().ok());
+    for (size_t i = nodes; i-- > 0;) ASSERT_TRUE(fss[i]->Unmount().ok());
     tracker = std::make_unique<SyncTracker>(d.tracker());
   }
   auto logr = CrashLog::Make(std::move(base), rec->TakeLog());
@@ -638,16 +715,16 @@ void RunWorkload(const char* name, Workload w, uint64_t seed, uint64_t images, R
 
 uint64_t Seed() { return EnvU64("AGORAFS_CRASHPOINT_SEED", kDefaultSeed); }
 
-constexpr int kWorkloads = 5;
+constexpr int kWorkloads = 6;
 uint64_t ImagesPerWorkload() {
   return std::max<uint64_t>(1, EnvU64("AGORAFS_CRASHPOINT_IMAGES", 2000) / kWorkloads);
 }
 
-void RunAndReport(const char* name, Workload w, uint64_t seed_salt) {
+void RunAndReport(const char* name, Workload w, uint64_t seed_salt, size_t nodes = 1) {
   const uint64_t seed = Seed() + seed_salt;
   auto t0 = std::chrono::steady_clock::now();
   RunResult r;
-  RunWorkload(name, w, seed, ImagesPerWorkload(), &r);
+  RunWorkload(name, w, nodes, seed, ImagesPerWorkload(), &r);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("crash-replay: workload %s: %llu images checked, %llu failures (seed %llu; %llu "
@@ -667,6 +744,7 @@ TEST(CrashPoint, AppendsWithFsync) { RunAndReport("append", AppendWorkload, 1); 
 TEST(CrashPoint, LargeWritesAndTruncate) { RunAndReport("large-write", LargeWriteWorkload, 2); }
 TEST(CrashPoint, DirectoryGrowsPastOneLeaf) { RunAndReport("dir-growth", DirGrowthWorkload, 3); }
 TEST(CrashPoint, HardLinks) { RunAndReport("hardlink", HardLinkWorkload, 4); }
+TEST(CrashPoint, TwoNodesCutAtOnce) { RunAndReport("two-node", TwoNodeWorkload, 5, 2); }
 
 }  // namespace
 }  // namespace agorafs
