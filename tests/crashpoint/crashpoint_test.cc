@@ -717,7 +717,9 @@ uint64_t Seed() { return EnvU64("AGORAFS_CRASHPOINT_SEED", kDefaultSeed); }
 
 constexpr int kWorkloads = 6;
 uint64_t ImagesPerWorkload() {
-  return std::max<uint64_t>(1, EnvU64("AGORAFS_CRASHPOINT_IMAGES", 2000) / kWorkloads);
+  // Rounded up: the total is at least what was asked for.
+  return std::max<uint64_t>(1, (EnvU64("AGORAFS_CRASHPOINT_IMAGES", 2000) + kWorkloads - 1) /
+                                   kWorkloads);
 }
 
 void RunAndReport(const char* name, Workload w, uint64_t seed_salt, size_t nodes = 1) {
