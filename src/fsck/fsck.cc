@@ -114,6 +114,29 @@ Status WriteSlot(BlockDevice* dev, const Geometry& g, const Uuid& uuid, uint32_t
   return dev->Flush();
 }
 
+// kBusy when one of the `mounted` slots (as read in `before`) is alive: a live node
+// moves its counter every interval; a crashed one stands still.
+Status WaitForLiveNode(BlockDevice* dev, const Superblock& sb, const std::vector<SlotBlock>& before,
+                       const std::vector<uint32_t>& mounted, uint32_t heartbeat_ms_override,
+                       const char* tool) {
+  if (mounted.empty()) return Status::Ok();
+  const Geometry g = GeometryOf(sb);
+  const Uuid uuid = SuperUuid(sb);
+  uint32_t interval = heartbeat_ms_override ? heartbeat_ms_override : sb.heartbeat_interval_ms;
+  std::this_thread::sleep_for(std::chrono::milliseconds(2 * uint64_t(interval) + 200));
+  for (uint32_t s : mounted) {
+    std::string why;
+    AGFS_ASSIGN_OR_RETURN(SlotBlock now, ReadSlot(dev, g, uuid, s, &why));
+    if (why.empty() && (now.counter != before[s].counter ||
+                        now.generation != before[s].generation || now.state != before[s].state)) {
+      return Err(Code::kBusy, fmt::format("{} is mounted by host '{}' (node slot {}): unmount "
+                                          "it everywhere before running {}",
+                                          dev->Name(), HostOf(now), s, tool));
+    }
+  }
+  return Status::Ok();
+}
+
 Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOptions& opts) {
   Global gl;
   const Geometry g = GeometryOf(sb);
@@ -149,23 +172,8 @@ Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOpt
     }
     if (slots[s].state == kSlotMounted) mounted.push_back(s);
   }
-  if (!mounted.empty()) {
-    // A live node moves its counter every interval; a crashed one stands still.
-    uint32_t interval = opts.heartbeat_ms_override ? opts.heartbeat_ms_override
-                                                   : sb.heartbeat_interval_ms;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2 * uint64_t(interval) + 200));
-    for (uint32_t s : mounted) {
-      std::string why;
-      AGFS_ASSIGN_OR_RETURN(SlotBlock now, ReadSlot(dev, g, uuid, s, &why));
-      if (why.empty() &&
-          (now.counter != slots[s].counter || now.generation != slots[s].generation ||
-           now.state != slots[s].state)) {
-        return Err(Code::kBusy, fmt::format("{} is mounted by host '{}' (node slot {}): unmount "
-                                            "it everywhere before running fsck",
-                                            dev->Name(), HostOf(now), s));
-      }
-    }
-  }
+  AGFS_RETURN_IF_ERROR(WaitForLiveNode(dev, sb, slots, mounted, opts.heartbeat_ms_override,
+                                       "fsck"));
 
   // Journals.
   for (uint32_t s = 0; s < g.node_slots; s++) {
@@ -589,6 +597,20 @@ void AddAll(std::vector<FsckProblem>* out, const std::vector<Problem>& in) {
 }
 
 }  // namespace
+
+Status CheckNoLiveNode(BlockDevice* dev, uint32_t heartbeat_ms_override, const char* tool) {
+  AGFS_ASSIGN_OR_RETURN(Superblock sb, ReadSuperblock(dev));
+  const Geometry g = GeometryOf(sb);
+  const Uuid uuid = SuperUuid(sb);
+  std::vector<SlotBlock> slots(g.node_slots);
+  std::vector<uint32_t> mounted;
+  for (uint32_t s = 0; s < g.node_slots; s++) {
+    std::string why;
+    AGFS_ASSIGN_OR_RETURN(slots[s], ReadSlot(dev, g, uuid, s, &why));
+    if (why.empty() && slots[s].state == kSlotMounted) mounted.push_back(s);
+  }
+  return WaitForLiveNode(dev, sb, slots, mounted, heartbeat_ms_override, tool);
+}
 
 Result<FsckReport> Fsck(BlockDevice* dev, const FsckOptions& opts) {
   AGFS_ASSIGN_OR_RETURN(Superblock sb, ReadSuperblock(dev));
