@@ -170,9 +170,13 @@ Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   }
   if (gen == 0) return Status::Ok();
   if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
+  // A damaged bitmap block must not make every inode it covers unreachable: the
+  // inode block's own checks below still catch a deleted or reused inode.
   auto used = h.Allocated(ino);
-  if (!used.ok()) return used.status();
-  if (!*used) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
+  if (used.ok() && !*used) {
+    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  }
   auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
   if (!r.ok()) {
     // Freed by another node and reused for something else.
