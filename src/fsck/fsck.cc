@@ -65,6 +65,7 @@ struct Global {
   std::vector<uint32_t> format_journal;  // headers unusable
   std::vector<uint32_t> replay;         // journals to replay
   std::vector<uint32_t> refused;        // replay refuses: replay what it can, then format
+  std::vector<std::pair<uint32_t, uint32_t>> header_copies;  // (slot, copy) to rewrite
   Overlay overlay;
 };
 
@@ -184,7 +185,14 @@ Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOpt
       gl.problems.push_back(
           MakeProblem("bad-journal", region, 0, fmt::format("journal of slot {}: {}", s, js.error)));
       gl.format_journal.push_back(s);
-    } else if (js.replay_refused) {
+    } else if (js.damaged_copy >= 0) {
+      gl.problems.push_back(MakeProblem(
+          "bad-journal", region + uint64_t(js.damaged_copy), 0,
+          fmt::format("journal of slot {}: header copy {} is unusable ({}); the other is used",
+                      s, js.damaged_copy, js.damaged_why)));
+      gl.header_copies.push_back({s, uint32_t(js.damaged_copy)});
+    }
+    if (js.header_ok && js.replay_refused) {
       gl.problems.push_back(MakeProblem(
           "bad-journal", region, 0,
           fmt::format("journal of slot {}: replay would stop at a damaged transaction: {}", s,
@@ -231,6 +239,18 @@ Status RepairGlobal(BlockDevice* dev, const Superblock& sb, const Global& gl,
   }
   AGFS_RETURN_IF_ERROR(dev->Flush());
   for (uint32_t s : gl.format_journal) AGFS_RETURN_IF_ERROR(Journal::Format(dev, g, uuid, s));
+  for (auto [s, copy] : gl.header_copies) {
+    // The damaged copy becomes the good one with the update before it: same tail, and
+    // the good copy stays the newest (the journal writes copy `update % 2`).
+    const uint64_t region = g.JournalStart(s);
+    AGFS_RETURN_IF_ERROR(
+        dev->Read((region + (1 - copy)) * kBlockSize, b.data(), kBlockSize));
+    auto* h = reinterpret_cast<JournalHeader*>(b.data());
+    if (h->update > 0) h->update--;
+    InitHeader(b.data(), BlockType::kJournalHeader, region + copy, uuid);
+    AGFS_RETURN_IF_ERROR(WriteSealed(dev, region + copy, b.data()));
+  }
+  AGFS_RETURN_IF_ERROR(dev->Flush());
   std::vector<uint32_t> replay = gl.replay;
   replay.insert(replay.end(), gl.refused.begin(), gl.refused.end());
   for (uint32_t s : replay) {
