@@ -1,0 +1,288 @@
+"""Corrupted images end to end: damage chosen metadata with `agorafs debug corrupt`,
+mount, check that only the damaged objects fail (EIO, logged with their block), that
+nothing is written over the damage, that fsck --repair converges, and that every
+undamaged file survives."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import time
+import unittest
+
+import agfs
+
+BS = 4096
+IMAGE = "96M"
+
+# (metadata kind, seed, mode). Kinds with an owner object get three seeds.
+CASES = [(k, s, m) for k in ("inode", "dir", "extent", "xattr")
+         for s, m in ((1, "flip"), (2, "zero"), (3, "flip"))] + \
+        [(k, s, m) for k in ("bitmap", "aghdr", "super", "journal", "orphan")
+         for s, m in ((1, "flip"), (2, "zero"))]
+
+
+# A damaged orphan list (any node slot's) makes mount refuse, naming the block, until
+# fsck --repair rewrites it: the list is the node's record of inodes to free.
+MOUNT_REFUSED = {"orphan"}
+
+
+def populate(mp):
+    """Builds the tree; returns {path: ("file", bytes) | ("link", target) | ("dir",)}
+    and {path: {xattr: value}}, paths relative to the mount point."""
+    want, xat = {}, {}
+
+    def wfile(rel, data):
+        with open(os.path.join(mp, rel), "wb") as f:
+            f.write(data)
+        want[rel] = ("file", data)
+
+    def mkdir(rel):
+        os.mkdir(os.path.join(mp, rel))
+        want[rel] = ("dir",)
+
+    mkdir("data")
+    for i in range(6):
+        wfile(f"data/f{i}", bytes([65 + i]) * (100 if i % 2 else 150000 + i))
+    mkdir("bigdir")  # several leaf blocks
+    for i in range(160):
+        wfile(f"bigdir/entry-with-a-rather-long-name-{i:04d}", f"small {i}".encode())
+    mkdir("sub")
+    mkdir("sub/deep")
+    wfile("sub/deep/file", os.urandom(20000))
+    # A fragmented file: one extent per written block, more than the root holds.
+    frag = bytearray(300 * 2 * BS)
+    with open(os.path.join(mp, "frag"), "wb") as f:
+        for i in range(300):
+            f.seek(i * 2 * BS)
+            f.write(b"z")
+            frag[i * 2 * BS] = ord("z")
+        f.truncate(len(frag))
+    want["frag"] = ("file", bytes(frag))
+    os.symlink("data/f0", os.path.join(mp, "link"))
+    want["link"] = ("link", "data/f0")
+    os.symlink("x" * 1000, os.path.join(mp, "longlink"))
+    want["longlink"] = ("link", "x" * 1000)
+    os.link(os.path.join(mp, "data/f1"), os.path.join(mp, "hardlink"))
+    want["hardlink"] = want["data/f1"]
+    wfile("xat", b"has xattrs")
+    os.setxattr(os.path.join(mp, "xat"), "user.big", b"v" * 2000)
+    os.setxattr(os.path.join(mp, "xat"), "user.small", b"s")
+    xat["xat"] = {"user.big": b"v" * 2000, "user.small": b"s"}
+    os.setxattr(os.path.join(mp, "data/f2"), "user.tag", b"two")
+    xat["data/f2"] = {"user.tag": b"two"}
+    return want, xat
+
+
+def read_block(image, blk):
+    with open(image, "rb") as f:
+        f.seek(blk * BS)
+        return f.read(BS)
+
+
+class CorruptedImageTest(unittest.TestCase):
+    template = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ts = agfs.Scratch(size=IMAGE, nodes=2)
+        mp = cls.ts.mount()
+        cls.want, cls.xat = populate(mp)
+        cls.ts.unmount(mp)
+        assert cls.ts.fsck().returncode == 0
+        cls.inos = {}  # path -> inode number, from a second mount
+        mp = cls.ts.mount()
+        for rel in cls.want:
+            cls.inos[rel] = os.lstat(os.path.join(mp, rel)).st_ino
+        cls.ts.unmount(mp)
+        cls.cases = 0
+        cls.failures = 0
+        cls.started = time.time()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ts.cleanup()
+        print(f"\ncorrupted-image cases: {cls.cases}, failures: {cls.failures} "
+              f"({time.time() - cls.started:.1f} s)")
+
+    def test_cases(self):
+        only = os.environ.get("AGORAFS_CORRUPT_ONLY")  # e.g. "inode" or "inode:2"
+        for kind, seed, mode in CASES:
+            if only and only not in (kind, f"{kind}:{seed}"):
+                continue
+            with self.subTest(kind=kind, seed=seed, mode=mode):
+                type(self).cases += 1
+                try:
+                    self.one_case(kind, seed, mode)
+                except BaseException:
+                    type(self).failures += 1
+                    raise
+
+    def affected(self, dmg):
+        """Paths whose checks are skipped: the damaged owner, its hard links and
+        everything below it. Returns (affected, owners) with owners the paths of the
+        owning inode."""
+        owners = set()
+        for d in dmg:
+            if d["ino"] == 0:
+                continue
+            for rel, ino in self.inos.items():
+                if ino == d["ino"]:
+                    owners.add(rel)
+        aff = set(owners)
+        for o in owners:
+            aff |= {r for r in self.want if r.startswith(o + "/")}
+        return aff, owners
+
+    def expect_eio(self, fn, what):
+        with self.assertRaises(OSError, msg=what) as cm:
+            fn()
+        self.assertEqual(cm.exception.errno, errno.EIO, what)
+
+    def check_damaged(self, mp, kind, owners):
+        for rel in owners:
+            p = os.path.join(mp, rel)
+            if kind == "inode":
+                self.expect_eio(lambda: os.lstat(p), f"stat {rel}")
+            elif kind == "dir":
+                self.expect_eio(lambda: os.listdir(p), f"readdir {rel}")
+            elif kind == "extent":
+                def rd():
+                    with open(p, "rb") as f:
+                        f.read()
+                self.expect_eio(rd, f"read {rel}")
+            elif kind == "xattr":
+                self.expect_eio(lambda: os.getxattr(p, "user.big"), f"getxattr {rel}")
+
+    def check_tree(self, mp, skip, modified):
+        for rel, w in self.want.items():
+            if rel in skip:
+                continue
+            p = os.path.join(mp, rel)
+            if w[0] == "file":
+                with open(p, "rb") as f:
+                    self.assertEqual(f.read(), modified.get(rel, w[1]), rel)
+            elif w[0] == "link":
+                self.assertEqual(os.readlink(p), w[1], rel)
+            else:
+                self.assertTrue(os.path.isdir(p), rel)
+        for rel, attrs in self.xat.items():
+            if rel in skip:
+                continue
+            for k, v in attrs.items():
+                self.assertEqual(os.getxattr(os.path.join(mp, rel), k), v, rel)
+
+    def one_case(self, kind, seed, mode):
+        s = agfs.Scratch(mkfs=False)
+        try:
+            self.run_case(s, kind, seed, mode)
+        finally:
+            s.cleanup()
+
+    def run_case(self, s, kind, seed, mode):
+        subprocess.run(["cp", "--sparse=always", self.ts.image, s.image], check=True)
+        r = agfs.run("debug", "corrupt", "--type", kind, "--seed", str(seed), "--mode", mode,
+                     "--json", s.image)
+        dmg = json.loads(r.stdout)["damaged"]
+        self.assertEqual(len(dmg), 1, r.stdout)
+        blocks = {d["block"]: read_block(s.image, d["block"]) for d in dmg}
+        aff, owners = self.affected(dmg)
+
+        if kind in MOUNT_REFUSED:
+            self.refused_then_repaired(s, dmg, blocks)
+            return
+        # Mounted: damaged objects answer EIO, the rest reads and writes.
+        mp, proc = s.mount(foreground=True)
+        self.check_damaged(mp, kind, owners)
+        self.check_tree(mp, aff, {})
+        modified = {}
+        for rel, w in self.want.items():  # append to one undamaged file
+            if rel not in aff and w[0] == "file" and rel.startswith("data/"):
+                with open(os.path.join(mp, rel), "ab") as f:
+                    f.write(b"+appended")
+                    os.fsync(f.fileno())
+                modified[rel] = w[1] + b"+appended"
+                if rel in ("data/f1", "hardlink"):
+                    modified["hardlink" if rel == "data/f1" else "data/f1"] = modified[rel]
+                break
+        self.assertTrue(modified)
+        new = os.urandom(300000)
+        os.mkdir(os.path.join(mp, "newdir"))
+        with open(os.path.join(mp, "newdir/new"), "wb") as f:
+            f.write(new)
+            os.fsync(f.fileno())
+        with open(os.path.join(mp, "newdir/new"), "rb") as f:
+            self.assertEqual(f.read(), new)
+        agfs.umount(mp)
+        s.mounts.remove(mp)
+        out, err = proc.communicate(timeout=30)  # the daemon syncs and exits
+        log = (out + err).decode(errors="replace")
+        self.assertEqual(proc.returncode, 0, log)
+        if owners:  # the objects that answered EIO were logged with their block
+            for blk in blocks:
+                self.assertIn(str(blk), log, f"block {blk} not in the daemon log:\n{log}")
+        # Nothing was written over the damage (journal headers are rewritten by design).
+        if kind != "journal":
+            for blk, data in blocks.items():
+                self.assertEqual(read_block(s.image, blk), data, f"block {blk} was rewritten")
+
+        r = s.fsck()
+        if kind != "journal" or read_block(s.image, dmg[0]["block"]) == blocks[dmg[0]["block"]]:
+            self.assertEqual(r.returncode, 4, r.stdout + r.stderr)
+        rep = s.fsck(repair=True)
+        if r.returncode != 0:
+            self.assertEqual(rep.returncode, 1, rep.stdout + rep.stderr)
+            self.assertIn(str(dmg[0]["block"]), rep.stdout)
+        r = s.fsck()
+        self.assertEqual(r.returncode, 0, f"after repair:\n{rep.stdout}\nnow:\n{r.stdout}")
+
+        mp = s.mount()
+        self.check_tree(mp, aff, modified)
+        with open(os.path.join(mp, "newdir/new"), "rb") as f:
+            self.assertEqual(f.read(), new)
+        s.unmount(mp)
+        self.assertEqual(s.fsck().returncode, 0)
+
+
+    def refused_then_repaired(self, s, dmg, blocks):
+        mp = os.path.join(s.dir, "mnt")
+        os.makedirs(mp)
+        r = agfs.run("mount", s.image, mp, check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn(f"block {dmg[0]['block']}", r.stderr)
+        self.assertFalse(agfs.is_mounted(mp))
+        for blk, data in blocks.items():  # the refused mount wrote nothing over it
+            self.assertEqual(read_block(s.image, blk), data, f"block {blk} was rewritten")
+        self.assertEqual(s.fsck().returncode, 4)
+        rep = s.fsck(repair=True)
+        self.assertEqual(rep.returncode, 1, rep.stdout + rep.stderr)
+        self.assertIn(str(dmg[0]["block"]), rep.stdout)
+        self.assertEqual(s.fsck().returncode, 0)
+        mp = s.mount()
+        self.check_tree(mp, set(), {})
+        s.unmount(mp)
+
+
+class CorruptToolTest(unittest.TestCase):
+    def test_refuses_live_mount_and_names_blocks(self):
+        s = agfs.Scratch(size="64M", nodes=2)
+        self.addCleanup(s.cleanup)
+        mp = s.mount()
+        with open(os.path.join(mp, "f"), "w") as f:
+            f.write("x")
+        ino = os.stat(os.path.join(mp, "f")).st_ino
+        r = agfs.run("debug", "corrupt", "--type", "inode", s.image, check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("mounted by host", r.stderr)
+        s.unmount(mp)
+        r = agfs.run("debug", "corrupt", "--type", "extent", s.image, check=False)
+        self.assertEqual(r.returncode, 3, r.stderr)
+        r = agfs.run("debug", "corrupt", "--ino", str(ino), "--type", "inode", s.image)
+        self.assertIn(f"block {ino} (inode, inode) of inode {ino} /f", r.stdout)
+        r = s.fsck()
+        self.assertEqual(r.returncode, 4)
+        self.assertIn(str(ino), r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
