@@ -391,6 +391,43 @@ TEST_F(FsTest, JournalWriteFailureStopsTheNodeAndNothingElseIsWritten) {
   EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
 }
 
+// fsyncgate: once a flush failed, no later fsync may report success for data that
+// was only covered by the failed flush, even though the device works again.
+TEST_F(FsTest, FailedFlushIsNeverAcknowledgedByALaterFsync) {
+  uint64_t f = Create(Root(), "f");
+  WriteAt(f, 0, std::string(100000, 'a'));
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  WriteAt(f, 0, std::string(8192, 'b'));  // in place: data only, no new blocks
+  fault_->FailNth(IoKind::kFlush, 1);
+  EXPECT_FALSE(fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->Fsync(f, true).ok());
+  EXPECT_FALSE(fs_->SyncAll().ok());
+  CrashAndRemount();  // the unsynced overwrite may or may not be there; the rest is
+  auto a = fs_->Lookup(Root(), "f");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(ReadAll(a->ino).substr(8192), std::string(100000 - 8192, 'a'));
+}
+
+// A failed metadata read answers EIO to that call only: the node carries on.
+TEST_F(FsTest, MetadataReadErrorIsEioAndTheNodeCarriesOn) {
+  uint64_t f = Create(Root(), "r");
+  WriteAt(f, 0, "data");
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  Remount();  // nothing cached
+  fault_->FailRange(f * kBlockSize, kBlockSize, true, false);
+  auto a = fs_->Lookup(Root(), "r");
+  EXPECT_TRUE(a.status().Is(Code::kIOError)) << a.status().ToString();
+  fault_->ClearRanges();
+  EXPECT_TRUE(fs_->health().ok());
+  a = fs_->Lookup(Root(), "r");
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(ReadAll(a->ino), "data");
+  uint64_t n = Create(Root(), "n");
+  WriteAt(n, 0, "new");
+  EXPECT_TRUE(fs_->Fsync(n, false).ok());
+}
+
 // Regression: the stale-inode check read the inode's bitmap bit, so one damaged bitmap
 // block made every inode of its range answer EIO.
 TEST_F(FsTest, DamagedBitmapBlockLeavesItsInodesReachable) {
