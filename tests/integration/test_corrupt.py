@@ -15,11 +15,15 @@ import agfs
 BS = 4096
 IMAGE = "96M"
 
-# (metadata kind, seed, mode). Kinds with an owner object get three seeds.
-CASES = [(k, s, m) for k in ("inode", "dir", "extent", "xattr")
-         for s, m in ((1, "flip"), (2, "zero"), (3, "flip"))] + \
-        [(k, s, m) for k in ("bitmap", "aghdr", "super", "journal", "orphan")
-         for s, m in ((1, "flip"), (2, "zero"))]
+# (metadata kind, seed, mode). Kinds with an owner object get three seeds; a long run
+# (AGORAFS_CORRUPT_SEEDS=N) gives every kind seeds 1..N, odd ones flipping bits.
+KINDS = ("inode", "dir", "extent", "xattr", "bitmap", "aghdr", "super", "journal", "orphan")
+_LONG = int(os.environ.get("AGORAFS_CORRUPT_SEEDS", "0"))
+if _LONG:
+    CASES = [(k, s, "flip" if s % 2 else "zero") for k in KINDS for s in range(1, _LONG + 1)]
+else:
+    CASES = [(k, s, m) for k in KINDS[:4] for s, m in ((1, "flip"), (2, "zero"), (3, "flip"))] + \
+            [(k, s, m) for k in KINDS[4:] for s, m in ((1, "flip"), (2, "zero"))]
 
 
 # A damaged orphan list (any node slot's) makes mount refuse, naming the block, until
