@@ -5,7 +5,7 @@ undamaged file survives."""
 import errno
 import json
 import os
-import shutil
+import stat
 import subprocess
 import time
 import unittest
@@ -168,6 +168,25 @@ class CorruptedImageTest(unittest.TestCase):
             elif kind == "xattr":
                 self.expect_eio(lambda: os.getxattr(p, "user.big"), f"getxattr {rel}")
 
+    def check_below_damage(self, mp, kind, aff, owners):
+        """Objects that may sit behind the damage (names in a damaged directory, the
+        subtree of a damaged directory inode) answer EIO or are intact: never ENOENT
+        or wrong bytes. An xattr block's owner still reads its data."""
+        for rel in sorted(aff - owners if kind != "xattr" else aff):
+            w = self.want[rel]
+            p = os.path.join(mp, rel)
+            try:
+                if w[0] == "file":
+                    with open(p, "rb") as f:
+                        self.assertEqual(f.read(), w[1], rel)
+                elif w[0] == "link":
+                    self.assertEqual(os.readlink(p), w[1], rel)
+                else:
+                    self.assertTrue(stat.S_ISDIR(os.lstat(p).st_mode), rel)
+            except OSError as e:
+                self.assertEqual(e.errno, errno.EIO, f"{rel}: {e}")
+                self.assertNotEqual(kind, "xattr", f"{rel}: {e}")
+
     def check_tree(self, mp, skip, modified):
         for rel, w in self.want.items():
             if rel in skip:
@@ -207,6 +226,7 @@ class CorruptedImageTest(unittest.TestCase):
         mp, proc = s.mount(foreground=True)
         self.check_damaged(mp, kind, owners)
         self.check_tree(mp, aff, {})
+        self.check_below_damage(mp, kind, aff, owners)
         modified = {}
         for rel, w in self.want.items():  # append to one undamaged file
             if rel not in aff and w[0] == "file" and rel.startswith("data/"):
