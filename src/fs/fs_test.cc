@@ -441,6 +441,7 @@ TEST_F(FsTest, DamagedBitmapBlockLeavesItsInodesReachable) {
   ASSERT_TRUE(mem_->Write((g.AgStart(g.AgOf(f)) + 1) * kBlockSize, zero.data(), kBlockSize).ok());
   auto a = fs_->Lookup(Root(), "f");
   ASSERT_TRUE(a.ok()) << a.status().ToString();
+  fs_->AddRef(a->ino, a->generation);  // as the FUSE adapter does: now checked for staleness
   EXPECT_EQ(ReadAll(a->ino), std::string(10000, 'f'));
   EXPECT_TRUE(fs_->GetAttr(a->ino).ok());
   uint64_t n = Create(Root(), "new");
