@@ -20,6 +20,7 @@
 #include "device/device_guard.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
+#include "debug/corrupt.h"
 #include "fsck/fsck.h"
 #include "fuse/errno_map.h"
 #include "fuse/fuse_adapter.h"
@@ -425,6 +426,38 @@ int RunFsck(const FsckArgs& a) {
     std::printf("%s", rep->ToText().c_str());
   }
   return rep->ExitCode();
+}
+
+int RunCorrupt(const CorruptArgs& a) {
+  CorruptOptions co;
+  if (a.type.empty()) {
+    if (a.block == 0) {
+      Fail("debug corrupt: give --type or --block");
+      return 2;
+    }
+    co.any_kind = true;
+  } else if (!ParseMetaKind(a.type, &co.kind)) {
+    Fail("debug corrupt: unknown --type '" + a.type + "'");
+    return 2;
+  }
+  co.mode = a.mode == "zero" ? CorruptMode::kZero : CorruptMode::kFlip;
+  co.count = a.count;
+  co.bits = a.bits;
+  co.seed = a.seed;
+  co.ino = a.ino;
+  co.block = a.block;
+  auto dev = OpenDevice(a.device, OpenOptions{});
+  if (!dev.ok()) {
+    Fail(dev.status().message());
+    return 1;
+  }
+  auto rep = Corrupt(dev->get(), co);
+  if (!rep.ok()) {
+    Fail(rep.status().message());
+    return rep.status().Is(Code::kNotFound) ? 3 : 1;
+  }
+  std::printf("%s", a.json ? (rep->ToJson() + "\n").c_str() : rep->ToText().c_str());
+  return 0;
 }
 
 }  // namespace agorafs

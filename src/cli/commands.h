@@ -38,6 +38,15 @@ struct StatusArgs {
 };
 int RunStatus(const StatusArgs& a);
 
+struct CorruptArgs {
+  std::string device, type, mode = "flip";
+  uint32_t count = 1, bits = 4;
+  uint64_t seed = 1, ino = 0, block = 0;
+  bool json = false;
+};
+// debug corrupt: 0 blocks damaged, 1 error, 2 bad arguments, 3 nothing matched.
+int RunCorrupt(const CorruptArgs& a);
+
 // "16M" / "1G" / "4096" -> bytes; false when malformed.
 bool ParseSize(const std::string& s, uint64_t* out);
 

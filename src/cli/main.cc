@@ -1,4 +1,4 @@
-// agorafs command line: mkfs, mount, info, fsck, status. Thin: every verb calls libagorafs.
+// agorafs command line: mkfs, mount, info, fsck, status, debug corrupt. Thin: every verb calls libagorafs.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "debug/corrupt.h"
 
 int main(int argc, char** argv) {
   using namespace agorafs;
@@ -68,11 +69,30 @@ int main(int argc, char** argv) {
   status->add_option("--sample-ms", sa.sample_ms, "How long to watch heartbeats (default: one interval)");
   status->add_option("DEVICE", sa.device, "Block device, image file or nbd URI")->required();
 
+  CorruptArgs ca;
+  auto* debug = app.add_subcommand("debug", "Tools for testing: damage an image on purpose");
+  debug->require_subcommand(1);
+  auto* corrupt = debug->add_subcommand(
+      "corrupt", "Damage metadata blocks of a chosen type in an unmounted image; prints them");
+  corrupt->add_option("--type", ca.type, "Metadata type")
+      ->check(CLI::IsMember(MetaKindNames()));
+  corrupt->add_option("--count", ca.count, "How many blocks to damage")->default_val(1);
+  corrupt->add_option("--mode", ca.mode, "flip: flip random bits; zero: zero the block")
+      ->check(CLI::IsMember({"flip", "zero"}))
+      ->default_val("flip");
+  corrupt->add_option("--bits", ca.bits, "Bits flipped per block (flip mode)")->default_val(4);
+  corrupt->add_option("--seed", ca.seed, "Random seed (which blocks, which bits)")->default_val(1);
+  corrupt->add_option("--ino", ca.ino, "Only blocks owned by this inode");
+  corrupt->add_option("--block", ca.block, "Only this block");
+  corrupt->add_flag("--json", ca.json, "Machine-readable output");
+  corrupt->add_option("DEVICE", ca.device, "Image file, block device or nbd URI")->required();
+
   CLI11_PARSE(app, argc, argv);
   if (mkfs->parsed()) return RunMkfs(mk);
   if (mount->parsed()) return RunMount(mo);
   if (info->parsed()) return RunInfo(in);
   if (fsck->parsed()) return RunFsck(fk);
   if (status->parsed()) return RunStatus(sa);
+  if (corrupt->parsed()) return RunCorrupt(ca);
   return 2;
 }

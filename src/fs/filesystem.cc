@@ -172,9 +172,13 @@ Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   }
   if (gen == 0) return Status::Ok();
   if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
+  // A damaged bitmap block must not make every inode it covers unreachable: the
+  // inode block's own checks below still catch a deleted or reused inode.
   auto used = h.Allocated(ino);
-  if (!used.ok()) return used.status();
-  if (!*used) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
+  if (used.ok() && !*used) {
+    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  }
   auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
   if (!r.ok()) {
     // Freed by another node and reused for something else.
@@ -469,9 +473,16 @@ Status Filesystem::AddOrphan(MetaTxn& h, uint64_t ino) {
     uint64_t blk = g_.SlotBlock(info_.slot, kSlotOrphan + i);
     LockId lock = MakeLockId(LockKind::kSlot, info_.slot);
     auto r = h.WriteAs<OrphanBlock>(blk, BlockType::kOrphan, lock);
-    if (!r.ok()) return r.status();
+    if (!r.ok()) {
+      // A damaged block is never written: use the other one (fsck rewrites it).
+      if (r.status().Is(Code::kCorruption) && i + 1 < kSlotOrphanBlocks) continue;
+      return r.status();
+    }
     OrphanBlock* ob = *r;
-    if (ob->count > kOrphansPerBlock) return Err(Code::kCorruption, "orphan list count");
+    if (ob->count > kOrphansPerBlock) {
+      if (i + 1 < kSlotOrphanBlocks) continue;
+      return Err(Code::kCorruption, "orphan list block " + std::to_string(blk) + ": count");
+    }
     for (uint32_t k = 0; k < ob->count; k++) {
       if (ob->ino[k] == ino) return Status::Ok();
     }
@@ -488,7 +499,10 @@ Status Filesystem::RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino) {
     uint64_t blk = g_.SlotBlock(slot, kSlotOrphan + i);
     LockId lock = MakeLockId(LockKind::kSlot, slot);
     auto r = h.ReadAs<OrphanBlock>(blk, BlockType::kOrphan, lock);
-    if (!r.ok()) return r.status();
+    if (!r.ok()) {
+      if (r.status().Is(Code::kCorruption)) continue;  // cannot list it; see OrphansOf
+      return r.status();
+    }
     const OrphanBlock* ro = *r;
     uint32_t n = std::min<uint32_t>(ro->count, kOrphansPerBlock);
     for (uint32_t k = 0; k < n; k++) {
@@ -565,7 +579,14 @@ Result<std::vector<uint64_t>> Filesystem::OrphansOf(uint32_t slot) {
   for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
     uint64_t blk = g_.SlotBlock(slot, kSlotOrphan + i);
     auto r = h->ReadAs<OrphanBlock>(blk, BlockType::kOrphan, MakeLockId(LockKind::kSlot, slot));
-    if (!r.ok()) return r.status();
+    if (!r.ok()) {
+      if (!r.status().Is(Code::kCorruption)) return r.status();
+      // The inodes it lists stay allocated until fsck frees them; the rest of the
+      // filesystem (and the other orphan block) keeps working.
+      spdlog::error("node slot {}: skipping its orphan list block: {}", slot,
+                    r.status().ToString());
+      continue;
+    }
     uint32_t n = std::min<uint32_t>((*r)->count, kOrphansPerBlock);
     for (uint32_t k = 0; k < n; k++) inos.push_back((*r)->ino[k]);
   }

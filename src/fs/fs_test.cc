@@ -20,6 +20,7 @@
 #include "device/fault_device.h"
 #include "device/mem_device.h"
 #include "fs/super.h"
+#include "fsck/fsck.h"
 
 namespace agorafs {
 namespace {
@@ -348,6 +349,105 @@ TEST_F(FsTest, DeviceThatDisappearsStopsTheNodeCleanly) {
   auto a = fs_->Lookup(Root(), "gone");
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(ReadAll(a->ino).substr(0, 4), "kept");
+}
+
+// The journal cannot be written: the fsync fails, the node stops and writes nothing
+// more anywhere outside its slot; what was fsynced before survives, fsck is clean.
+TEST_F(FsTest, JournalWriteFailureStopsTheNodeAndNothingElseIsWritten) {
+  uint64_t f = Create(Root(), "synced");
+  WriteAt(f, 0, std::string(50000, 'a'));
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  auto sb = ReadSuperblock(mem_.get());
+  ASSERT_TRUE(sb.ok());
+  const Geometry g = GeometryOf(*sb);
+  const uint64_t from = g.journal_start * kBlockSize;
+  fault_->FailRange(from, mem_->Size() - from, false, true);
+  auto lost = fs_->Mknod(caller_, Root(), "lost", S_IFREG | 0644, 0);
+  if (lost.ok()) {
+    (void)fs_->Write(caller_, lost->ino, 0, std::string(20000, 'l').data(), 20000);
+    EXPECT_FALSE(fs_->Fsync(lost->ino, false).ok());
+  } else {
+    EXPECT_TRUE(lost.status().Is(Code::kIOError)) << lost.status().ToString();
+  }
+  EXPECT_FALSE(fs_->SyncAll().ok());
+  EXPECT_FALSE(fs_->health().ok());
+  // Stopped: later calls fail without even trying to write the journal or data area.
+  const uint64_t attempts = fault_->injected();
+  auto m = fs_->Mknod(caller_, Root(), "after", S_IFREG | 0644, 0);
+  EXPECT_TRUE(m.status().Is(Code::kIOError)) << m.status().ToString();
+  auto w = fs_->Write(caller_, f, 0, "b", 1);
+  EXPECT_FALSE(w.ok() && fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->SyncAll().ok());
+  EXPECT_EQ(fault_->injected(), attempts);
+  fault_->ClearRanges();
+  CrashAndRemount();
+  auto a = fs_->Lookup(Root(), "synced");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(ReadAll(a->ino), std::string(50000, 'a'));
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok());
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
+// fsyncgate: once a flush failed, no later fsync may report success for data that
+// was only covered by the failed flush, even though the device works again.
+TEST_F(FsTest, FailedFlushIsNeverAcknowledgedByALaterFsync) {
+  uint64_t f = Create(Root(), "f");
+  WriteAt(f, 0, std::string(100000, 'a'));
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  WriteAt(f, 0, std::string(8192, 'b'));  // in place: data only, no new blocks
+  fault_->FailNth(IoKind::kFlush, 1);
+  EXPECT_FALSE(fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->Fsync(f, false).ok());
+  EXPECT_FALSE(fs_->Fsync(f, true).ok());
+  EXPECT_FALSE(fs_->SyncAll().ok());
+  CrashAndRemount();  // the unsynced overwrite may or may not be there; the rest is
+  auto a = fs_->Lookup(Root(), "f");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(ReadAll(a->ino).substr(8192), std::string(100000 - 8192, 'a'));
+}
+
+// A failed metadata read answers EIO to that call only: the node carries on.
+TEST_F(FsTest, MetadataReadErrorIsEioAndTheNodeCarriesOn) {
+  uint64_t f = Create(Root(), "r");
+  WriteAt(f, 0, "data");
+  ASSERT_TRUE(fs_->Fsync(f, false).ok());
+  Remount();  // nothing cached
+  fault_->FailRange(f * kBlockSize, kBlockSize, true, false);
+  auto a = fs_->Lookup(Root(), "r");
+  EXPECT_TRUE(a.status().Is(Code::kIOError)) << a.status().ToString();
+  fault_->ClearRanges();
+  EXPECT_TRUE(fs_->health().ok());
+  a = fs_->Lookup(Root(), "r");
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(ReadAll(a->ino), "data");
+  uint64_t n = Create(Root(), "n");
+  WriteAt(n, 0, "new");
+  EXPECT_TRUE(fs_->Fsync(n, false).ok());
+}
+
+// Regression: the stale-inode check read the inode's bitmap bit, so one damaged bitmap
+// block made every inode of its range answer EIO.
+TEST_F(FsTest, DamagedBitmapBlockLeavesItsInodesReachable) {
+  uint64_t f = Create(Root(), "f");
+  WriteAt(f, 0, std::string(10000, 'f'));
+  Remount();
+  auto sb = ReadSuperblock(mem_.get());
+  ASSERT_TRUE(sb.ok());
+  const Geometry g = GeometryOf(*sb);
+  AlignedBuffer zero(kBlockSize);
+  ASSERT_TRUE(mem_->Write((g.AgStart(g.AgOf(f)) + 1) * kBlockSize, zero.data(), kBlockSize).ok());
+  auto a = fs_->Lookup(Root(), "f");
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  fs_->AddRef(a->ino, a->generation);  // as the FUSE adapter does: now checked for staleness
+  EXPECT_EQ(ReadAll(a->ino), std::string(10000, 'f'));
+  EXPECT_TRUE(fs_->GetAttr(a->ino).ok());
+  uint64_t n = Create(Root(), "new");
+  WriteAt(n, 0, std::string(100000, 'n'));
+  EXPECT_TRUE(fs_->Fsync(n, false).ok());
+  EXPECT_EQ(ReadAll(n), std::string(100000, 'n'));
 }
 
 // Regression: freed space waited for a checkpoint that only journal pressure caused,

@@ -65,6 +65,7 @@ struct Global {
   std::vector<uint32_t> format_journal;  // headers unusable
   std::vector<uint32_t> replay;         // journals to replay
   std::vector<uint32_t> refused;        // replay refuses: replay what it can, then format
+  std::vector<std::pair<uint32_t, uint32_t>> header_copies;  // (slot, copy) to rewrite
   Overlay overlay;
 };
 
@@ -114,6 +115,29 @@ Status WriteSlot(BlockDevice* dev, const Geometry& g, const Uuid& uuid, uint32_t
   return dev->Flush();
 }
 
+// kBusy when one of the `mounted` slots (as read in `before`) is alive: a live node
+// moves its counter every interval; a crashed one stands still.
+Status WaitForLiveNode(BlockDevice* dev, const Superblock& sb, const std::vector<SlotBlock>& before,
+                       const std::vector<uint32_t>& mounted, uint32_t heartbeat_ms_override,
+                       const char* tool) {
+  if (mounted.empty()) return Status::Ok();
+  const Geometry g = GeometryOf(sb);
+  const Uuid uuid = SuperUuid(sb);
+  uint32_t interval = heartbeat_ms_override ? heartbeat_ms_override : sb.heartbeat_interval_ms;
+  std::this_thread::sleep_for(std::chrono::milliseconds(2 * uint64_t(interval) + 200));
+  for (uint32_t s : mounted) {
+    std::string why;
+    AGFS_ASSIGN_OR_RETURN(SlotBlock now, ReadSlot(dev, g, uuid, s, &why));
+    if (why.empty() && (now.counter != before[s].counter ||
+                        now.generation != before[s].generation || now.state != before[s].state)) {
+      return Err(Code::kBusy, fmt::format("{} is mounted by host '{}' (node slot {}): unmount "
+                                          "it everywhere before running {}",
+                                          dev->Name(), HostOf(now), s, tool));
+    }
+  }
+  return Status::Ok();
+}
+
 Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOptions& opts) {
   Global gl;
   const Geometry g = GeometryOf(sb);
@@ -149,23 +173,8 @@ Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOpt
     }
     if (slots[s].state == kSlotMounted) mounted.push_back(s);
   }
-  if (!mounted.empty()) {
-    // A live node moves its counter every interval; a crashed one stands still.
-    uint32_t interval = opts.heartbeat_ms_override ? opts.heartbeat_ms_override
-                                                   : sb.heartbeat_interval_ms;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2 * uint64_t(interval) + 200));
-    for (uint32_t s : mounted) {
-      std::string why;
-      AGFS_ASSIGN_OR_RETURN(SlotBlock now, ReadSlot(dev, g, uuid, s, &why));
-      if (why.empty() &&
-          (now.counter != slots[s].counter || now.generation != slots[s].generation ||
-           now.state != slots[s].state)) {
-        return Err(Code::kBusy, fmt::format("{} is mounted by host '{}' (node slot {}): unmount "
-                                            "it everywhere before running fsck",
-                                            dev->Name(), HostOf(now), s));
-      }
-    }
-  }
+  AGFS_RETURN_IF_ERROR(WaitForLiveNode(dev, sb, slots, mounted, opts.heartbeat_ms_override,
+                                       "fsck"));
 
   // Journals.
   for (uint32_t s = 0; s < g.node_slots; s++) {
@@ -176,7 +185,14 @@ Result<Global> CheckGlobal(BlockDevice* dev, const Superblock& sb, const FsckOpt
       gl.problems.push_back(
           MakeProblem("bad-journal", region, 0, fmt::format("journal of slot {}: {}", s, js.error)));
       gl.format_journal.push_back(s);
-    } else if (js.replay_refused) {
+    } else if (js.damaged_copy >= 0) {
+      gl.problems.push_back(MakeProblem(
+          "bad-journal", region + uint64_t(js.damaged_copy), 0,
+          fmt::format("journal of slot {}: header copy {} is unusable ({}); the other is used",
+                      s, js.damaged_copy, js.damaged_why)));
+      gl.header_copies.push_back({s, uint32_t(js.damaged_copy)});
+    }
+    if (js.header_ok && js.replay_refused) {
       gl.problems.push_back(MakeProblem(
           "bad-journal", region, 0,
           fmt::format("journal of slot {}: replay would stop at a damaged transaction: {}", s,
@@ -223,6 +239,18 @@ Status RepairGlobal(BlockDevice* dev, const Superblock& sb, const Global& gl,
   }
   AGFS_RETURN_IF_ERROR(dev->Flush());
   for (uint32_t s : gl.format_journal) AGFS_RETURN_IF_ERROR(Journal::Format(dev, g, uuid, s));
+  for (auto [s, copy] : gl.header_copies) {
+    // The damaged copy becomes the good one with the update before it: same tail, and
+    // the good copy stays the newest (the journal writes copy `update % 2`).
+    const uint64_t region = g.JournalStart(s);
+    AGFS_RETURN_IF_ERROR(
+        dev->Read((region + (1 - copy)) * kBlockSize, b.data(), kBlockSize));
+    auto* h = reinterpret_cast<JournalHeader*>(b.data());
+    if (h->update > 0) h->update--;
+    InitHeader(b.data(), BlockType::kJournalHeader, region + copy, uuid);
+    AGFS_RETURN_IF_ERROR(WriteSealed(dev, region + copy, b.data()));
+  }
+  AGFS_RETURN_IF_ERROR(dev->Flush());
   std::vector<uint32_t> replay = gl.replay;
   replay.insert(replay.end(), gl.refused.begin(), gl.refused.end());
   for (uint32_t s : replay) {
@@ -589,6 +617,20 @@ void AddAll(std::vector<FsckProblem>* out, const std::vector<Problem>& in) {
 }
 
 }  // namespace
+
+Status CheckNoLiveNode(BlockDevice* dev, uint32_t heartbeat_ms_override, const char* tool) {
+  AGFS_ASSIGN_OR_RETURN(Superblock sb, ReadSuperblock(dev));
+  const Geometry g = GeometryOf(sb);
+  const Uuid uuid = SuperUuid(sb);
+  std::vector<SlotBlock> slots(g.node_slots);
+  std::vector<uint32_t> mounted;
+  for (uint32_t s = 0; s < g.node_slots; s++) {
+    std::string why;
+    AGFS_ASSIGN_OR_RETURN(slots[s], ReadSlot(dev, g, uuid, s, &why));
+    if (why.empty() && slots[s].state == kSlotMounted) mounted.push_back(s);
+  }
+  return WaitForLiveNode(dev, sb, slots, mounted, heartbeat_ms_override, tool);
+}
 
 Result<FsckReport> Fsck(BlockDevice* dev, const FsckOptions& opts) {
   AGFS_ASSIGN_OR_RETURN(Superblock sb, ReadSuperblock(dev));

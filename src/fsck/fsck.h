@@ -92,4 +92,10 @@ struct FsckReport {
 
 Result<FsckReport> Fsck(BlockDevice* dev, const FsckOptions& opts);
 
+// The liveness check fsck makes before anything else, for other offline tools: when a
+// node slot is marked mounted, waits 2 heartbeat intervals + 200 ms (interval from
+// the superblock unless overridden) and fails with kBusy, naming the host and `tool`,
+// if its heartbeat moved. Crashed nodes (a still counter) do not count. Never writes.
+Status CheckNoLiveNode(BlockDevice* dev, uint32_t heartbeat_ms_override, const char* tool);
+
 }  // namespace agorafs

@@ -160,6 +160,12 @@ Result<JournalScan> ScanJournal(BlockDevice* dev, const Geometry& g, const Uuid&
     return js;
   }
   js.header_ok = true;
+  for (int32_t i = 0; i < 2; i++) {
+    if (!why[i].empty()) {
+      js.damaged_copy = i;
+      js.damaged_why = why[i];
+    }
+  }
   js.tail_seq = best->tail_seq;
   js.tail_pos = best->tail_pos;
   uint64_t seq = js.tail_seq;

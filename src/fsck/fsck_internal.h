@@ -71,6 +71,8 @@ class DeviceTxn final : public MetaTxn {
 
 struct JournalScan {
   bool header_ok = false;
+  int32_t damaged_copy = -1;  // with header_ok: the header copy (0/1) that is unusable
+  std::string damaged_why;
   std::string error;          // why the headers are unusable or replay would refuse
   bool replay_refused = false;  // a complete transaction targets a forbidden block
   uint64_t tail_seq = 0;

@@ -245,6 +245,30 @@ TEST_F(FsckTest, FreshFilesystemIsClean) {
   EXPECT_EQ(r.ToJson().rfind("{\"clean\":true,", 0), 0u) << r.ToJson();
 }
 
+// Regression: one damaged journal header copy went unreported (the other copy is
+// used), leaving the journal one torn header write away from unusable.
+TEST_F(FsckTest, DamagedJournalHeaderCopyIsRewritten) {
+  BuildAndUnmount();
+  for (uint32_t slot : {0u, 3u}) {
+    for (uint64_t copy : {0u, 1u}) {
+      const uint64_t blk = g_.JournalStart(slot) + copy;
+      auto d = ReadBlk(blk);
+      d[100] ^= 0x10;
+      WriteBlk(blk, d, false);
+      FsckReport r = Check();
+      EXPECT_EQ(r.ExitCode(), 4) << r.ToText();
+      EXPECT_TRUE(Has(r, "bad-journal", 0, blk)) << r.ToText();
+      RepairAndVerify();
+    }
+  }
+  auto fs = MountFs();  // the repaired journals work
+  ASSERT_TRUE(fs);
+  Caller c;
+  ASSERT_TRUE(fs->Mknod(c, fs->root_ino(), "after", S_IFREG | 0644, 0).ok());
+  ASSERT_TRUE(fs->Unmount().ok());
+  EXPECT_EQ(Check().ExitCode(), 0);
+}
+
 TEST_F(FsckTest, BuiltTreeIsClean) {
   Tree t = BuildAndUnmount();
   FsckReport r = Check();

@@ -1,0 +1,2 @@
+list(APPEND AGORAFS_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/corrupt.cc)
