@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "util/log_once.h"
+
 namespace agorafs {
 
 MetaStore::MetaStore(BlockDevice* dev, const Superblock& sb, Journal* journal,
@@ -285,7 +287,11 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
     }
     Status st = VerifyBlock(nb->data.data(), type, blk, uuid_);
     if (!st.ok()) {
-      spdlog::error("{}", st.ToString());
+      if (FirstReport(st.ToString())) {
+        spdlog::error("{}", st.ToString());
+      } else {
+        spdlog::debug("{}", st.ToString());
+      }
       return st;
     }
     b = nb.get();

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "fuse/errno_map.h"
+#include "util/log_once.h"
 
 namespace agorafs {
 namespace {
@@ -89,7 +90,9 @@ Caller CallerOf(fuse_req_t req, bool with_groups = false) {
 }
 
 void ReplyErr(fuse_req_t req, const Status& s) {
-  if (s.Is(Code::kCorruption) || s.Is(Code::kIOError)) spdlog::error("{}", s.ToString());
+  if ((s.Is(Code::kCorruption) || s.Is(Code::kIOError)) && FirstReport(s.ToString())) {
+    spdlog::error("{}", s.ToString());
+  }
   fuse_reply_err(req, ToErrno(s));
 }
 

@@ -67,6 +67,40 @@ def umount(path):
     wait_unmounted(path)
 
 
+class ForegroundDaemon:
+    """A daemon started with `mount -f` whose output goes to a log file, not a pipe:
+    a pipe nobody drains fills up and blocks the daemon at its next log line. Offers
+    the parts of subprocess.Popen the tests use; communicate() and stderr.read()
+    return the whole log."""
+
+    def __init__(self, argv, log_path):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.stderr = self
+
+    def read(self):
+        with open(self.log_path, "rb") as f:
+            return f.read()
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout=None):
+        return self.proc.wait(timeout=timeout)
+
+    def terminate(self):
+        self.proc.terminate()
+
+    def communicate(self, timeout=None):
+        self.proc.wait(timeout=timeout)
+        return self.read(), b""
+
+
 class Scratch:
     """A scratch directory with an image file and mount points."""
 
@@ -88,8 +122,8 @@ class Scratch:
             args += ["-o", opts]
         args += [self.image, mp]
         if foreground:
-            proc = subprocess.Popen([BIN, "mount", "-f", *args[1:]],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = ForegroundDaemon([BIN, "mount", "-f", *args[1:]],
+                                    os.path.join(self.dir, f"{name}.log"))
             deadline = time.time() + 30
             while not is_mounted(mp):
                 if proc.poll() is not None or time.time() > deadline:
