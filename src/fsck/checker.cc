@@ -79,8 +79,7 @@ const char* OwnName(uint8_t o) {
 
 Checker::Checker(BlockDevice* dev, const Superblock& sb, const Overlay* overlay,
                  size_t max_problems)
-    : dev_(dev),
-      sb_(sb),
+    : sb_(sb),
       g_(GeometryOf(sb)),
       uuid_(SuperUuid(sb)),
       txn_(dev, g_, uuid_, overlay),

@@ -150,7 +150,6 @@ class Checker {
   void FinalInodeChecks();
   void CheckBitmaps();
 
-  BlockDevice* dev_;
   Superblock sb_;
   Geometry g_;
   Uuid uuid_;
