@@ -19,14 +19,16 @@ CRASH_DIR=${FUZZ_CRASH_DIR:-$BUILD/fuzz-crashes}
 PARALLEL=${FUZZ_PARALLEL:-2}
 read -r -a TARGETS <<<"${FUZZ_TARGETS:-fuzz_super fuzz_meta fuzz_journal fuzz_image}"
 
-# Largest input each target reads (fuzz/<target>.cc).
-max_len() {
+# Per-target options: the largest input each target reads (fuzz/<target>.cc).
+# fuzz_image seeds are a few bytes; without -len_control=0 libFuzzer would keep
+# its inputs that short (one patch) for most of a short run.
+target_opts() {
   case "$1" in
-    fuzz_super) echo 4097 ;;
-    fuzz_meta) echo $((2 + 8 * 8 + 8 * 4096)) ;;
-    fuzz_journal) echo $((3 + 16 * 4096)) ;;
-    fuzz_image) echo 4096 ;;
-    *) echo 4096 ;;
+    fuzz_super) echo "-max_len=4097" ;;
+    fuzz_meta) echo "-max_len=$((2 + 8 * 8 + 8 * 4096))" ;;
+    fuzz_journal) echo "-max_len=$((3 + 16 * 4096))" ;;
+    fuzz_image) echo "-max_len=1024 -len_control=0" ;;
+    *) echo "-max_len=4096" ;;
   esac
 }
 
@@ -58,7 +60,7 @@ run_target() {
   mkdir -p "$corpus"
   AGORAFS_FUZZ_WRITE_SEEDS=$seeds "$BUILD/fuzz/$t" >"$BUILD/fuzz-logs/$t-seeds.log" 2>&1 || return 1
   nice -n 10 "$BUILD/fuzz/$t" -max_total_time="$SECS" -print_final_stats=1 \
-    -rss_limit_mb=2048 -timeout=20 -max_len="$(max_len "$t")" \
+    -rss_limit_mb=2048 -timeout=20 $(target_opts "$t") \
     -artifact_prefix="$CRASH_DIR/$t-" "$corpus" "$seeds" >"$BUILD/fuzz-logs/$t.log" 2>&1
 }
 
