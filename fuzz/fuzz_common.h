@@ -38,8 +38,9 @@ struct Images {
   Superblock sb{};
   Geometry g{};
   Uuid uuid{};
-  // Blocks of `clean` / `crashed` that carry a block header, slot heartbeats excluded
-  // (a heartbeat marked mounted makes fsck wait for the node: not a decoder path).
+  // Blocks of `clean` / `crashed` that carry a block header, except slot heartbeats
+  // (a heartbeat marked mounted makes fsck wait for the node: not a decoder path) and
+  // the other cluster blocks (read only by a mounted node; their number varies).
   std::vector<uint64_t> clean_meta;
   std::vector<uint64_t> crashed_meta;
   // Interesting inodes of `clean` (root, directories big and small, files with
@@ -47,7 +48,11 @@ struct Images {
   std::vector<uint64_t> inodes;
 };
 
-// Builds the images at the first call (aborts if that fails: a harness bug).
+// Builds the images at the first call (aborts if that fails: a harness bug). It
+// also replaces the directory name hash for the whole process by one that ignores
+// each directory's random seed (dir::SetHashFnForTesting), so that the images'
+// layout, and with it what a saved input damages, is the same in every run; call
+// it before decoding any directory.
 const Images& BaseImages();
 
 class OverlayDevice final : public BlockDevice {

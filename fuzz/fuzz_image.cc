@@ -1,7 +1,7 @@
 // Fuzz target: a whole damaged filesystem. The input patches chosen metadata blocks
 // of a real populated image (any block with a block header: superblock copies,
 // journal headers and log blocks, AG headers, bitmaps, orphan lists, inodes, extent
-// nodes, directory tables and leaves, xattr blocks; not the slot heartbeats). Then:
+// nodes, directory tables and leaves, xattr blocks; not the cluster blocks). Then:
 // a read-only fsck, journal replay of every slot (as mount does), the read-only walk
 // of the tree (readdir, lookup, getattr, read, readlink, getxattr) and, optionally,
 // fsck --repair followed by another check.
@@ -41,6 +41,7 @@ void Seeds(const std::string& dir) {
       std::set<uint16_t> types;
       for (size_t i = 0; i < meta.size(); i++) {
         const uint8_t* b = img.data() + meta[i] * kBlockSize;
+        if (Header(b)->blocknr != meta[i]) continue;  // a copy inside a journal
         if (!types.insert(Header(b)->type).second) continue;
         std::vector<uint8_t> s{flags, uint8_t(i), uint8_t(i >> 8), 48, 0, 16};
         s.insert(s.end(), b + 48, b + 64);

@@ -248,6 +248,7 @@ using namespace agorafs::fuzz;
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   QuietLogs();
   MaybeWriteSeeds(Seeds);
+  (void)BaseImages();  // fixes the directory hash (fuzz_common.h), as in the seeds
   return 0;
 }
 
