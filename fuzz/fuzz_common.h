@@ -73,7 +73,10 @@ class OverlayDevice final : public BlockDevice {
 };
 
 // Reads the whole tree below `root` the way a mount serves readdir, lookup,
-// getattr, read, readlink and getxattr; ignores every error (the point is that
+// getattr, read, readlink and getxattr: directory listings (also resumed from a
+// cookie) and lookups, inode fields, inline data, the block maps of files and long
+// symlinks (extent lookups and SEEK_DATA; the data blocks themselves carry no
+// structure and are not read), xattr lists. Ignores every error (the point is that
 // nothing crashes). Visits at most `max_inodes` inodes.
 void Walk(MetaTxn& txn, uint64_t root, size_t max_inodes = 128);
 
