@@ -56,7 +56,10 @@ void SleepMs(uint64_t ms) { std::this_thread::sleep_for(std::chrono::millisecond
 // One slot's heartbeat block as read from the disk.
 struct SlotRead {
   enum Kind : uint8_t { kOk, kZero, kBad } kind = kZero;
-  SlotBlock b{};    // kOk: the block; kZero: all zero (mkfs state = free, generation 0)
+  // kOk: the block; kZero: all zero (mkfs state = free, generation 0). SlotBlock is
+  // packed (alignment 1): without alignas it would sit at offset 1, and references to
+  // its fields (std::min(b.verdict_count, ...)) would be misaligned.
+  alignas(8) SlotBlock b{};
   std::string why;  // kBad: why verification failed
   bool foreign = false;  // kBad: an intact heartbeat of another filesystem
 };

@@ -79,8 +79,7 @@ const char* OwnName(uint8_t o) {
 
 Checker::Checker(BlockDevice* dev, const Superblock& sb, const Overlay* overlay,
                  size_t max_problems)
-    : dev_(dev),
-      sb_(sb),
+    : sb_(sb),
       g_(GeometryOf(sb)),
       uuid_(SuperUuid(sb)),
       txn_(dev, g_, uuid_, overlay),
@@ -400,15 +399,14 @@ void Checker::CheckFileData(uint64_t ino, const InodeBlock& I, Ino& in) {
       FixOf(ino).size = cap;
     }
     if (!special) {
-      uint64_t used = std::min<uint64_t>(I.size, cap);
-      for (uint64_t i = used; i < kInodeDataSize; i++) {
-        if (I.data[i] != 0) {
-          AddProblem("bad-inline", ino, ino,
-                     fmt::format("{} {}: bytes after the end of its inline data are not zero",
-                                 TypeName(I.mode), ino));
-          FixOf(ino).zero_inline_tail = true;
-          break;
-        }
+      // One memcmp, not a byte loop: every empty file has ~3 KiB of tail to check.
+      static const uint8_t kZeros[kInodeDataSize] = {};
+      const uint64_t used = std::min<uint64_t>(I.size, cap);
+      if (std::memcmp(I.data + used, kZeros, kInodeDataSize - used) != 0) {
+        AddProblem("bad-inline", ino, ino,
+                   fmt::format("{} {}: bytes after the end of its inline data are not zero",
+                               TypeName(I.mode), ino));
+        FixOf(ino).zero_inline_tail = true;
       }
     }
     return;

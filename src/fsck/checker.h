@@ -65,7 +65,10 @@ struct Plan {
 
 struct AgState {
   bool hdr_ok = false;
-  AgHeader hdr{};
+  // AgHeader is packed (alignment 1): without alignas it would sit at offset 1 and a
+  // reference to one of its fields (fmt::format takes its arguments by reference)
+  // would be misaligned.
+  alignas(8) AgHeader hdr{};
   std::vector<uint8_t> bits;     // bitmap_blocks * kBitmapBytes
   std::vector<bool> bm_ok;       // per bitmap block
 };
@@ -150,7 +153,6 @@ class Checker {
   void FinalInodeChecks();
   void CheckBitmaps();
 
-  BlockDevice* dev_;
   Superblock sb_;
   Geometry g_;
   Uuid uuid_;

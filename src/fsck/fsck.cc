@@ -496,7 +496,10 @@ Status Repairer::FixDir(uint64_t dino, const Fix& f, std::vector<std::string>* n
       return st.Is(Code::kNotFound) ? Status::Ok() : st;
     }));
   }
-  for (const auto& [name, type] : f.retype) {
+  for (const auto& retype : f.retype) {
+    // Named copies: a lambda may not capture structured bindings before clang 16.
+    const std::string& name = retype.first;
+    const uint8_t type = retype.second;
     AGFS_RETURN_IF_ERROR(dir_op("retyping '" + name + "'", [&](MetaTxn& h, InodeBlock* D) {
       auto e = dir::Lookup(h, dino, *D, name);
       if (!e.ok()) return e.status();
