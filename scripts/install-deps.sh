@@ -3,7 +3,7 @@
 # Idempotent; needs root. Skips apt entirely when everything is already installed.
 set -euo pipefail
 PKGS=(
-  build-essential cmake ninja-build pkg-config git clang
+  build-essential cmake ninja-build pkg-config git clang libclang-rt-14-dev
   libfuse3-dev fuse3 liburing-dev libxxhash-dev libcli11-dev libfmt-dev libspdlog-dev
   libgtest-dev libgmock-dev libbenchmark-dev libnbd-dev libsodium-dev
   fio nbdkit spin e2fsprogs attr acl util-linux iproute2 procps python3 xxd

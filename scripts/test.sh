@@ -12,7 +12,9 @@ ctest --test-dir build --output-on-failure -j2 --timeout 900
 # crash, fsx and cluster-process loops run in the release build above.
 echo "== ASan + UBSan"
 BUILD_DIR=build-asan scripts/build.sh -DAGORAFS_SANITIZE=address
-ctest --test-dir build-asan --output-on-failure -j2 --timeout 1800 -LE "slow|model" \
+# Crash-point replay checks 300 images here (2,000 in the release run above).
+AGORAFS_CRASHPOINT_IMAGES=300 \
+  ctest --test-dir build-asan --output-on-failure -j2 --timeout 1800 -LE "slow|model" \
   -E "^(it_crash|it_fsx|it_cluster|it_nbd)$"
 
 # ThreadSanitizer: the cluster layer (membership, Disk Paxos, network channel, lock
@@ -25,3 +27,8 @@ cmake -S . -B build-tsan -G Ninja -DAGORAFS_SANITIZE=thread >/dev/null
 ninja -C build-tsan "${TSAN_TESTS[@]}"
 ctest --test-dir build-tsan --output-on-failure -j2 --timeout 900 \
   -R "^(Membership|Paxos|DiskPaxos|NetChannel|LockService|Journal|MetaStore|FsTest)[A-Za-z]*\."
+
+# libFuzzer (clang, ASan + UBSan): every on-disk decoder, the journal replayer and
+# fsck, 60 s per target, two at a time, after replaying fuzz/regressions/.
+echo "== libFuzzer"
+scripts/fuzz.sh 60
