@@ -254,7 +254,8 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
     return f->OnRevoke(to);
   };
   lo.on_recover = [f](uint32_t slot, uint64_t) { return f->RecoverSlot(slot); };
-  lo.on_fatal = [](const Status& st) {
+  lo.on_fatal = [hook = opts.on_fatal](const Status& st) {
+    if (hook) return hook(st);
     // The lock cannot be released safely; survivors recover this node as a crashed one.
     spdlog::critical("cannot give up the filesystem lock safely, stopping: {}", st.ToString());
     std::fflush(nullptr);

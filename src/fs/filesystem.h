@@ -137,6 +137,11 @@ struct MountOptions {
   // taking turns get work done between handovers.
   uint32_t min_hold_ms = 20;
   std::string net_bind;     // "ip:port" for the network hint channel; empty = disk only
+  // The filesystem lock cannot be given up safely (its revoke failed): by default the
+  // process exits (status 70) and survivors recover the node like a crashed one. Tests
+  // that run several nodes in one process set this instead; the node must then be
+  // torn down without being used again, like a crashed one.
+  std::function<void(const Status&)> on_fatal;
 };
 
 struct FsInfo {

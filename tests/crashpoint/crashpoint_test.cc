@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -88,6 +89,7 @@ bool LeaseLapse(const Status& st) {
 // Keys never decrease along a path's events. For a cut after barrier k the path's
 // expectation is its last event with key <= k: a sync is checked exactly, a
 // modification makes the path uncertain (the operation may have half landed).
+// Without a RecordingDevice every key is 0: At(0) is the last event of each path.
 class SyncTracker {
  public:
   struct Want {
@@ -100,11 +102,11 @@ class SyncTracker {
   explicit SyncTracker(const RecordingDevice* rec) : rec_(rec) {}
 
   void Modified(const std::vector<std::string>& paths) {
-    const uint64_t key = rec_->barriers();
+    const uint64_t key = rec_ ? rec_->barriers() : 0;
     for (const auto& p : paths) events_[p].push_back({key, false, {}});
   }
   void Synced(Want w) {
-    const uint64_t key = rec_->barriers();
+    const uint64_t key = rec_ ? rec_->barriers() : 0;
     std::string p = w.path;
     events_[p].push_back({key, true, std::move(w)});
   }
@@ -147,6 +149,14 @@ std::string Parent(const std::string& p) {
 }
 std::string Base(const std::string& p) { return p.substr(p.rfind('/') + 1); }
 
+// In Driver operations: a failure is fatal unless the node's host was cut.
+#define AGFS_DRIVER_OK(cond) \
+  if (cond) {                \
+  } else if (Tolerated()) {  \
+    return;                  \
+  } else                     \
+    FAIL()
+
 class Driver {
  public:
   // One or more nodes mounted on the same recorded device; operations go to node 0
@@ -157,6 +167,55 @@ class Driver {
   }
   size_t node_count() const { return nodes_fs_.size(); }
   void Use(size_t node) { fs_ = nodes_fs_[node % nodes_fs_.size()]; }
+  // Replaces the nodes (e.g. once one of them is gone); operations go to node 0.
+  void SetNodes(std::vector<Filesystem*> nodes) {
+    nodes_fs_ = std::move(nodes);
+    fs_ = nodes_fs_[0];
+  }
+  // An operation that fails on a node for which `dead` says true (its host was cut)
+  // is no test failure: the operation is dropped (the model is then stale: Reload).
+  void TolerateFailuresOf(std::function<bool(Filesystem*)> dead) { dead_ = std::move(dead); }
+  // Rebuilds the model from what `fs` shows (after a node's cut and its recovery).
+  void Reload(Filesystem* fs) {
+    nodes_.clear();
+    paths_.clear();
+    inos_.clear();
+    paths_["/"] = NewNode(true);
+    std::map<uint64_t, size_t> by_ino;
+    std::vector<std::pair<std::string, uint64_t>> todo = {{"/", fs->root_ino()}};
+    while (!todo.empty()) {
+      auto [dir, dino] = todo.back();
+      todo.pop_back();
+      std::vector<DirEntryOut> ents;
+      Status st = fs->ReadDir(dino, 0, false, [&](const DirEntryOut& e) {
+        if (e.name != "." && e.name != "..") ents.push_back(e);
+        return true;
+      });
+      ASSERT_TRUE(st.ok()) << "reload: readdir " << dir << ": " << st.ToString();
+      for (const DirEntryOut& e : ents) {
+        const std::string p = (dir == "/" ? "" : dir) + "/" + e.name;
+        auto a = fs->Lookup(dino, e.name);
+        ASSERT_TRUE(a.ok()) << "reload: lookup " << p << ": " << a.status().ToString();
+        inos_[p] = a->ino;
+        if (S_ISDIR(a->mode)) {
+          paths_[p] = NewNode(true);
+          todo.push_back({p, a->ino});
+          continue;
+        }
+        auto it = by_ino.find(a->ino);
+        if (it != by_ino.end()) {
+          paths_[p] = it->second;
+          continue;
+        }
+        std::string c(a->size, '\0');
+        auto r = fs->Read(a->ino, 0, c.size(), c.data());
+        ASSERT_TRUE(r.ok() && *r == c.size()) << "reload: read " << p;
+        paths_[p] = NewNode(false);
+        nodes_[paths_[p]].content = std::move(c);
+        by_ino[a->ino] = paths_[p];
+      }
+    }
+  }
 
   SyncTracker& tracker() { return tracker_; }
   bool Exists(const std::string& p) const { return paths_.count(p) != 0; }
@@ -173,21 +232,21 @@ class Driver {
   void Mkdir(const std::string& p) {
     tracker_.Modified({p, Parent(p)});
     auto r = fs_->Mkdir(c_, Ino(Parent(p)), Base(p), 0755);
-    ASSERT_TRUE(r.ok()) << "mkdir " << p << ": " << r.status().ToString();
+    AGFS_DRIVER_OK(r.ok()) << "mkdir " << p << ": " << r.status().ToString();
     paths_[p] = NewNode(true);
     inos_[p] = r->ino;
   }
   void Create(const std::string& p) {
     tracker_.Modified({p, Parent(p)});
     auto r = fs_->Mknod(c_, Ino(Parent(p)), Base(p), S_IFREG | 0644, 0);
-    ASSERT_TRUE(r.ok()) << "create " << p << ": " << r.status().ToString();
+    AGFS_DRIVER_OK(r.ok()) << "create " << p << ": " << r.status().ToString();
     paths_[p] = NewNode(false);
     inos_[p] = r->ino;
   }
   void Write(const std::string& p, uint64_t off, const std::string& data) {
     tracker_.Modified(Links(p));
     auto r = fs_->Write(c_, Ino(p), off, data.data(), data.size());
-    ASSERT_TRUE(r.ok()) << "write " << p << ": " << r.status().ToString();
+    AGFS_DRIVER_OK(r.ok()) << "write " << p << ": " << r.status().ToString();
     ASSERT_EQ(*r, data.size());
     std::string& c = nodes_[paths_[p]].content;
     if (c.size() < off + data.size()) c.resize(off + data.size(), '\0');
@@ -200,7 +259,7 @@ class Driver {
     r.size = true;
     r.new_size = size;
     auto a = fs_->SetAttr(c_, Ino(p), r);
-    ASSERT_TRUE(a.ok()) << "truncate " << p << ": " << a.status().ToString();
+    AGFS_DRIVER_OK(a.ok()) << "truncate " << p << ": " << a.status().ToString();
     nodes_[paths_[p]].content.resize(size, '\0');
   }
   // Files only (a directory's descendants would all move).
@@ -211,7 +270,7 @@ class Driver {
     touched.push_back(Parent(to));
     tracker_.Modified(touched);
     Status st = fs_->Rename(c_, Ino(Parent(from)), Base(from), Ino(Parent(to)), Base(to), 0);
-    ASSERT_TRUE(st.ok()) << "rename " << from << " " << to << ": " << st.ToString();
+    AGFS_DRIVER_OK(st.ok()) << "rename " << from << " " << to << ": " << st.ToString();
     paths_[to] = paths_[from];
     inos_[to] = inos_[from];
     paths_.erase(from);
@@ -222,7 +281,7 @@ class Driver {
     touched.push_back(Parent(p));
     tracker_.Modified(touched);
     Status st = fs_->Unlink(c_, Ino(Parent(p)), Base(p));
-    ASSERT_TRUE(st.ok()) << "unlink " << p << ": " << st.ToString();
+    AGFS_DRIVER_OK(st.ok()) << "unlink " << p << ": " << st.ToString();
     paths_.erase(p);
     inos_.erase(p);
   }
@@ -232,14 +291,14 @@ class Driver {
     touched.push_back(Parent(p));
     tracker_.Modified(touched);
     auto r = fs_->Link(c_, Ino(existing), Ino(Parent(p)), Base(p));
-    ASSERT_TRUE(r.ok()) << "link " << existing << " " << p << ": " << r.status().ToString();
+    AGFS_DRIVER_OK(r.ok()) << "link " << existing << " " << p << ": " << r.status().ToString();
     paths_[p] = paths_[existing];
     inos_[p] = inos_[existing];
   }
   // fsync of a file, fsyncdir of a directory: records what must now survive.
   void Fsync(const std::string& p) {
     Status st = fs_->Fsync(Ino(p), false);
-    ASSERT_TRUE(st.ok()) << "fsync " << p << ": " << st.ToString();
+    AGFS_DRIVER_OK(st.ok()) << "fsync " << p << ": " << st.ToString();
     SyncTracker::Want w;
     w.path = p;
     w.dir = IsDir(p);
@@ -263,6 +322,11 @@ class Driver {
     return nodes_.size() - 1;
   }
   uint64_t Ino(const std::string& p) { return p == "/" ? fs_->root_ino() : inos_.at(p); }
+  bool Tolerated() {
+    if (!dead_ || !dead_(fs_)) return false;
+    dropped_++;
+    return true;
+  }
   // Every path naming the same node as p (hard links).
   std::vector<std::string> Links(const std::string& p) const {
     std::vector<std::string> out;
@@ -275,6 +339,8 @@ class Driver {
 
   std::vector<Filesystem*> nodes_fs_;
   Filesystem* fs_;
+  std::function<bool(Filesystem*)> dead_;
+  uint64_t dropped_ = 0;
   Caller c_;
   SyncTracker tracker_;
   std::vector<Node> nodes_;
@@ -715,7 +781,7 @@ void RunWorkload(const char* name, Workload w, size_t nodes, uint64_t seed, uint
 
 uint64_t Seed() { return EnvU64("AGORAFS_CRASHPOINT_SEED", kDefaultSeed); }
 
-constexpr int kWorkloads = 6;
+constexpr int kWorkloads = 7;
 uint64_t ImagesPerWorkload() {
   // Rounded up: the total is at least what was asked for.
   return std::max<uint64_t>(1, (EnvU64("AGORAFS_CRASHPOINT_IMAGES", 2000) + kWorkloads - 1) /
@@ -741,12 +807,293 @@ void RunAndReport(const char* name, Workload w, uint64_t seed_salt, size_t nodes
   EXPECT_GT(r.images, 0u);
 }
 
+// ------------------------------------------------------------------------------
+// One node cut while the other continues. Node A and node B work on shared
+// directories of one MemDevice; A reaches it through a CutDevice that, at the chosen
+// point, stops A's host: A's later writes never reach the device (and nothing of A
+// works any more), the way a power cut of host A looks to B. The device itself keeps
+// everything A's completed writes put there (its cache is B's too). A is then torn
+// down without unmounting; B must see A dead, recover it (replay A's journal) and go
+// on with its own work. Each crash point is a live run, not an image replay.
+
+// Where A's host stops, counted from when the cut is armed (both nodes mounted).
+enum class CutAt : uint8_t {
+  kBarrier = 0,    // right after A's n-th flush returned (n = 0: at once)
+  kWrite = 1,      // A's writes before the n-th (0-based) landed, the n-th and later not
+  kTornWrite = 2,  // as kWrite, but a random subset of the n-th write's sectors landed
+};
+const char* CutAtName(CutAt c) {
+  return c == CutAt::kBarrier ? "after flush" : c == CutAt::kWrite ? "before write" : "torn write";
+}
+
+class CutDevice final : public BlockDevice {
+ public:
+  explicit CutDevice(std::shared_ptr<BlockDevice> base) : base_(std::move(base)) {}
+  // Arms the cut; counting starts now.
+  void Arm(CutAt at, uint64_t n, uint64_t seed) {
+    std::lock_guard<std::mutex> l(mu_);
+    armed_ = true, at_ = at, n_ = n, seed_ = seed, writes_ = 0, flushes_ = 0;
+    if (at == CutAt::kBarrier && n == 0) gone_ = true;
+  }
+  void Cut() {
+    std::lock_guard<std::mutex> l(mu_);
+    gone_ = true;
+  }
+  bool gone() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return gone_;
+  }
+  uint64_t writes() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return writes_;
+  }
+  uint64_t flushes() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return flushes_;
+  }
+  Status Read(uint64_t offset, void* buf, size_t len) override {
+    if (gone()) return Err(Code::kIOError, "host cut");
+    return base_->Read(offset, buf, len);
+  }
+  // Held under mu_ across the forwarded call: the cut is an instant in A's I/O order.
+  Status Write(uint64_t offset, const void* buf, size_t len) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (gone_) return Err(Code::kIOError, "host cut");
+    if (armed_ && at_ != CutAt::kBarrier && writes_ == n_) {
+      gone_ = true;
+      if (at_ == CutAt::kTornWrite) {
+        std::mt19937_64 rng(seed_);
+        const uint64_t keep = rng() % 100;
+        const auto* p = static_cast<const uint8_t*>(buf);
+        for (size_t o = 0; o < len; o += 512) {
+          if (rng() % 100 < keep) (void)base_->Write(offset + o, p + o, std::min<size_t>(512, len - o));
+        }
+      }
+      return Err(Code::kIOError, "host cut");
+    }
+    Status st = base_->Write(offset, buf, len);
+    if (st.ok()) writes_++;
+    return st;
+  }
+  Status Flush() override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (gone_) return Err(Code::kIOError, "host cut");
+    Status st = base_->Flush();
+    if (st.ok()) flushes_++;
+    if (armed_ && at_ == CutAt::kBarrier && flushes_ >= n_) gone_ = true;
+    return st;
+  }
+  uint64_t Size() const override { return base_->Size(); }
+  std::string Name() const override { return "cut(" + base_->Name() + ")"; }
+
+ private:
+  std::shared_ptr<BlockDevice> base_;
+  mutable std::mutex mu_;
+  bool armed_ = false, gone_ = false;
+  CutAt at_ = CutAt::kBarrier;
+  uint64_t n_ = 0, seed_ = 0, writes_ = 0, flushes_ = 0;
+};
+
+// One operation of the mixed two-node workload (as in TwoNodeWorkload).
+void SharedDirOp(Driver& d, std::mt19937_64& rng, int& next) {
+  const std::vector<std::string> dirs = {"/s", "/t"};
+  const std::string dir = dirs[rng() % dirs.size()];
+  std::vector<std::string> files = d.Files(dir);
+  const int kind = int(rng() % 10);
+  if (kind < 3 || files.empty()) {
+    std::string p = dir + "/n" + std::to_string(next++);
+    d.Create(p);
+    if (d.Exists(p)) d.Write(p, 0, Data(rng, 1 + rng() % 5000));
+  } else if (kind < 5) {
+    const std::string& p = files[rng() % files.size()];
+    d.Append(p, Data(rng, 1 + rng() % 9000));
+  } else if (kind < 6) {
+    d.Rename(files[rng() % files.size()], dirs[rng() % dirs.size()] + "/n" + std::to_string(next++));
+  } else if (kind < 7) {
+    d.Unlink(files[rng() % files.size()]);
+  } else if (kind < 9) {
+    d.Fsync(files[rng() % files.size()]);
+  } else {
+    d.Fsync(dir);
+  }
+}
+
+struct CutRun {
+  bool cut_in_workload = false;  // the cut came during the shared phase (else at its end)
+  uint64_t a_writes = 0, a_flushes = 0;  // A's I/O after arming
+  uint64_t recovered_ops = 0;            // B's operations after A's cut
+};
+
+// One live run cut at (at, n); n = UINT64_MAX: no cut during the workload (A is cut at
+// the end of the shared phase). OK or what failed.
+Status RunOneNodeCut(uint64_t seed, CutAt at, uint64_t n, const MountOptions& mo, CutRun* out) {
+  auto mem = std::make_shared<MemDevice>(kDeviceBytes, "one-node-cut");
+  MkfsOptions mk;
+  mk.params.node_slots = 3;  // A, B, the checking mount
+  mk.params.journal_blocks = kMinJournalBlocks;
+  {
+    auto made = Mkfs(mem.get(), mk);
+    if (!made.ok()) return made.status();
+  }
+  AGFS_RETURN_IF_ERROR(mem->Flush());
+  auto cut = std::make_shared<CutDevice>(mem);
+  MountOptions oa = mo, ob = mo;
+  oa.host = "nodeA";
+  // A's lock revoke fails once its host is cut: in a daemon the process would exit;
+  // here A is torn down by the run as soon as it sees the cut.
+  oa.on_fatal = [](const Status&) { std::this_thread::sleep_for(std::chrono::milliseconds(50)); };
+  ob.host = "nodeB";
+  auto ma = Filesystem::Mount(std::make_unique<FaultDevice>(cut), oa);
+  if (!ma.ok()) return Err(ma.status().code(), "mount A: " + ma.status().ToString());
+  std::unique_ptr<Filesystem> a = std::move(ma).value();
+  auto mb = Filesystem::Mount(std::make_unique<FaultDevice>(mem), ob);
+  if (!mb.ok()) return Err(mb.status().code(), "mount B: " + mb.status().ToString());
+  std::unique_ptr<Filesystem> b = std::move(mb).value();
+  Filesystem* const a_ptr = a.get();
+
+  Driver d({b.get(), a.get()}, nullptr);
+  // A's operations may fail once its host is cut. A node whose own lease lapsed (a
+  // loaded machine starved its heartbeat thread) is a timing fault of this machine:
+  // the run is then repeated with long timings.
+  bool lapsed = false;
+  d.TolerateFailuresOf([&](Filesystem* f) {
+    if (f == a_ptr && cut->gone()) return true;
+    if (!f->membership()->LeaseValid()) lapsed = true;
+    return lapsed;
+  });
+  auto lapse = [&] { return Err(Code::kFenced, "a node's lease lapsed during the workload"); };
+  std::mt19937_64 rng(seed);
+  int next = 0;
+  // Setup by B, then the cut is armed.
+  d.Mkdir("/s");
+  d.Mkdir("/t");
+  d.Fsync("/");
+  if (::testing::Test::HasFatalFailure()) return Err(Code::kInvalid, "setup failed");
+  if (lapsed) return lapse();
+  cut->Arm(n == UINT64_MAX ? CutAt::kWrite : at, n, seed ^ n);
+
+  // A's host is gone: tear A down without unmounting (nothing of it reaches the
+  // device), wait until B has declared A dead and replayed its journal, check that
+  // B sees everything synced so far, and carry on with B's view as the model.
+  auto cut_over = [&]() -> Status {
+    out->a_writes = cut->writes();
+    out->a_flushes = cut->flushes();
+    cut->Cut();
+    (void)a->Unmount();
+    a.reset();
+    d.SetNodes({b.get()});
+    AGFS_RETURN_IF_ERROR(WaitForRecoveries(b.get(), mo));
+    for (const auto& w : d.tracker().At(0)) {
+      Status st = CheckWant(b.get(), w);
+      if (!st.ok() && !b->membership()->LeaseValid()) return lapse();
+      if (!st.ok()) return Err(st.code(), "B after recovering A: " + st.message());
+    }
+    d.Reload(b.get());
+    if (::testing::Test::HasFatalFailure()) return Err(Code::kInvalid, "reload failed");
+    return Status::Ok();
+  };
+  for (int op = 0; op < 80; op++) {
+    if (a) d.Use(rng() % 2);  // 0: B, 1: A
+    SharedDirOp(d, rng, next);
+    if (::testing::Test::HasFatalFailure()) return Err(Code::kInvalid, "workload op failed");
+    if (lapsed) return lapse();
+    if (a && cut->gone()) {
+      out->cut_in_workload = true;
+      AGFS_RETURN_IF_ERROR(cut_over());
+    } else if (!a) {
+      out->recovered_ops++;
+    }
+  }
+  if (a) AGFS_RETURN_IF_ERROR(cut_over());
+  // B goes on alone, then syncs its directories.
+  for (int op = 0; op < 30; op++) {
+    SharedDirOp(d, rng, next);
+    if (::testing::Test::HasFatalFailure()) return Err(Code::kInvalid, "B op failed");
+    if (lapsed) return lapse();
+    out->recovered_ops++;
+  }
+  d.Fsync("/s");
+  d.Fsync("/t");
+  if (::testing::Test::HasFatalFailure()) return Err(Code::kInvalid, "B fsync failed");
+  if (lapsed) return lapse();
+  Status um = b->Unmount();
+  if (!um.ok()) return Err(um.code(), "unmount B: " + um.ToString());
+  b.reset();
+  // A fresh mount: every file A fsynced before its cut (unless B changed it later) and
+  // everything B fsynced hold exactly what was synced; unmount; fsck clean.
+  return CheckImage(mem->DurableImage(), d.tracker().At(0), true, mo);
+}
+
+void RunOneNodeCutAndReport(uint64_t seed_salt) {
+  const uint64_t seed = Seed() + seed_salt;
+  auto t0 = std::chrono::steady_clock::now();
+  // The reference run (no cut in the workload) measures A's I/O to spread the cuts.
+  CutRun ref;
+  Status st = RunOneNodeCut(seed, CutAt::kWrite, UINT64_MAX, NodeOptions(), &ref);
+  if (!st.ok() && LeaseLapse(st)) st = RunOneNodeCut(seed, CutAt::kWrite, UINT64_MAX, SlowNodeOptions(), &ref);
+  ASSERT_TRUE(st.ok()) << "reference run (A cut at the end): " << st.ToString();
+  // A live run costs about as much as several replayed images: a quarter of the share.
+  const uint64_t runs = std::max<uint64_t>(3, ImagesPerWorkload() / 4);
+  struct Spec {
+    CutAt at;
+    uint64_t n;
+  };
+  std::vector<Spec> specs;
+  std::mt19937_64 rng(seed);
+  for (uint64_t i = 0; i < runs; i++) {
+    const CutAt at = CutAt(i % 3);
+    const uint64_t range = at == CutAt::kBarrier ? ref.a_flushes + 1 : std::max<uint64_t>(ref.a_writes, 1);
+    // Evenly spread over A's I/O, jittered within the step.
+    const uint64_t k = i / 3, per = (runs + 2 - uint64_t(at)) / 3;
+    const uint64_t lo = k * range / per, hi = std::max(lo + 1, (k + 1) * range / per);
+    specs.push_back({at, lo + rng() % (hi - lo)});
+  }
+  const uint64_t jobs = std::min<uint64_t>(8, std::max<uint64_t>(1, EnvU64("AGORAFS_CRASHPOINT_JOBS", 24)));
+  std::atomic<size_t> next{0};
+  std::atomic<uint64_t> retries{0}, in_workload{0}, b_ops{0};
+  std::mutex mu;
+  std::vector<std::string> reports;
+  auto worker = [&] {
+    for (size_t i; (i = next++) < specs.size();) {
+      CutRun r;
+      Status s = RunOneNodeCut(seed, specs[i].at, specs[i].n, NodeOptions(), &r);
+      if (!s.ok() && LeaseLapse(s)) {
+        retries++;
+        r = CutRun();
+        s = RunOneNodeCut(seed, specs[i].at, specs[i].n, SlowNodeOptions(), &r);
+      }
+      in_workload += r.cut_in_workload;
+      b_ops += r.recovered_ops;
+      if (s.ok()) continue;
+      std::lock_guard<std::mutex> l(mu);
+      reports.push_back("workload one-node-cut, seed " + std::to_string(seed) + ", A cut " +
+                        CutAtName(specs[i].at) + " " + std::to_string(specs[i].n) + ": " +
+                        s.ToString());
+    }
+  };
+  std::vector<std::thread> threads;
+  for (uint64_t i = 0; i < jobs; i++) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("crash-replay: workload one-node-cut: %zu live runs checked (+1 reference), %zu "
+              "failures (seed %llu; A: %llu writes, %llu flushes in the reference run; %llu "
+              "cuts inside the shared phase; %llu ops by B after A's cut; %llu runs retried "
+              "after a lease lapse; %.1f s)\n",
+              specs.size(), reports.size(), (unsigned long long)seed,
+              (unsigned long long)ref.a_writes, (unsigned long long)ref.a_flushes,
+              (unsigned long long)in_workload.load(), (unsigned long long)b_ops.load(),
+              (unsigned long long)retries.load(), secs);
+  std::fflush(stdout);
+  for (size_t i = 0; i < reports.size() && i < 10; i++) ADD_FAILURE() << reports[i];
+}
+
 TEST(CrashPoint, CreateRenameUnlinkChurn) { RunAndReport("churn", ChurnWorkload, 0); }
 TEST(CrashPoint, AppendsWithFsync) { RunAndReport("append", AppendWorkload, 1); }
 TEST(CrashPoint, LargeWritesAndTruncate) { RunAndReport("large-write", LargeWriteWorkload, 2); }
 TEST(CrashPoint, DirectoryGrowsPastOneLeaf) { RunAndReport("dir-growth", DirGrowthWorkload, 3); }
 TEST(CrashPoint, HardLinks) { RunAndReport("hardlink", HardLinkWorkload, 4); }
 TEST(CrashPoint, TwoNodesCutAtOnce) { RunAndReport("two-node", TwoNodeWorkload, 5, 2); }
+TEST(CrashPoint, OneNodeCutOtherContinues) { RunOneNodeCutAndReport(6); }
 
 }  // namespace
 }  // namespace agorafs
