@@ -17,7 +17,7 @@ SECS=${1:-60}
 BUILD=${FUZZ_BUILD_DIR:-build-fuzz}
 CRASH_DIR=${FUZZ_CRASH_DIR:-$BUILD/fuzz-crashes}
 PARALLEL=${FUZZ_PARALLEL:-2}
-read -r -a TARGETS <<<"${FUZZ_TARGETS:-fuzz_super fuzz_meta fuzz_journal fuzz_image}"
+read -r -a TARGETS <<<"${FUZZ_TARGETS:-fuzz_super fuzz_meta fuzz_journal fuzz_image fuzz_cluster}"
 
 # Per-target options: the largest input each target reads (fuzz/<target>.cc).
 # fuzz_image seeds are a few bytes; without -len_control=0 libFuzzer would keep
@@ -28,6 +28,7 @@ target_opts() {
     fuzz_meta) echo "-max_len=$((2 + 8 * 8 + 8 * 4096))" ;;
     fuzz_journal) echo "-max_len=$((3 + 16 * 4096))" ;;
     fuzz_image) echo "-max_len=1024 -len_control=0" ;;
+    fuzz_cluster) echo "-max_len=$((1 + 3 * 8 + 8 * (2 + 4096)))" ;;
     *) echo "-max_len=4096" ;;
   esac
 }
