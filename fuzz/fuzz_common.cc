@@ -20,6 +20,7 @@
 #include "fs/filesystem.h"
 #include "fs/inode.h"
 #include "fs/super.h"
+#include "fs/test_mount_options.h"
 #include "fs/xattr.h"
 #include "util/hash.h"
 
@@ -48,11 +49,7 @@ struct AsResult {
 inline AsResult R(Status s) { return AsResult{std::move(s)}; }
 
 MountOptions NodeOptions() {
-  MountOptions o;
-  o.store.background = false;
-  o.heartbeat_ms_override = 50;
-  o.io_timeout_ms_override = 200;
-  o.dead_after_ms_override = 500;
+  MountOptions o = FastTestMountOptions();
   o.host = "fuzz";
   return o;
 }
@@ -204,6 +201,13 @@ const Images& BaseImages() {
 }
 
 void QuietLogs() { spdlog::set_level(spdlog::level::off); }
+
+int InitTarget(SeedWriter write) {
+  QuietLogs();
+  MaybeWriteSeeds(write);
+  (void)BaseImages();
+  return 0;
+}
 
 Status OverlayDevice::Read(uint64_t offset, void* buf, size_t len) {
   AGFS_RETURN_IF_ERROR(CheckIo(offset, buf, len, Size()));

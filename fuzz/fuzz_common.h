@@ -91,6 +91,11 @@ void WriteSeed(const std::string& dir, const std::string& name, const std::vecto
 // Turns logging off (corrupt images make the library log a lot).
 void QuietLogs();
 
+// What every target's LLVMFuzzerInitialize does: logging off, seed mode, and the
+// base images built (which also fixes the directory hash, as in the seeds).
+// Returns 0, libFuzzer's "go on".
+int InitTarget(SeedWriter write);
+
 // A tiny reader for structured fuzz input.
 class Input {
  public:

@@ -57,12 +57,7 @@ void Seeds(const std::string& dir) {
 using namespace agorafs;
 using namespace agorafs::fuzz;
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  QuietLogs();
-  MaybeWriteSeeds(Seeds);
-  (void)BaseImages();
-  return 0;
-}
+extern "C" int LLVMFuzzerInitialize(int*, char***) { return InitTarget(Seeds); }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Images& im = BaseImages();

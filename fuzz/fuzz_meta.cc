@@ -245,12 +245,7 @@ void Seeds(const std::string& dir) {
 using namespace agorafs;
 using namespace agorafs::fuzz;
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  QuietLogs();
-  MaybeWriteSeeds(Seeds);
-  (void)BaseImages();  // fixes the directory hash (fuzz_common.h), as in the seeds
-  return 0;
-}
+extern "C" int LLVMFuzzerInitialize(int*, char***) { return InitTarget(Seeds); }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;

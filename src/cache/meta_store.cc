@@ -287,10 +287,11 @@ Result<MetaStore::Buffer*> MetaStore::GetLocked(uint64_t blk, BlockType type, Lo
     }
     Status st = VerifyBlock(nb->data.data(), type, blk, uuid_);
     if (!st.ok()) {
-      if (FirstReport(st.ToString())) {
-        spdlog::error("{}", st.ToString());
+      std::string msg = st.ToString();
+      if (FirstReport(msg)) {
+        spdlog::error("{}", msg);
       } else {
-        spdlog::debug("{}", st.ToString());
+        spdlog::debug("{}", msg);
       }
       return st;
     }

@@ -20,6 +20,7 @@
 #include "device/fault_device.h"
 #include "device/mem_device.h"
 #include "fs/super.h"
+#include "fs/test_mount_options.h"
 #include "fsck/fsck.h"
 
 namespace agorafs {
@@ -52,14 +53,7 @@ class FsTest : public ::testing::Test {
     fs_ = std::move(r).value();
   }
   // Short cluster timings (a crashed node is dead after 0.5 s), no background commits.
-  static MountOptions NodeOptions() {
-    MountOptions o;
-    o.store.background = false;
-    o.heartbeat_ms_override = 50;
-    o.io_timeout_ms_override = 200;
-    o.dead_after_ms_override = 500;
-    return o;
-  }
+  static MountOptions NodeOptions() { return FastTestMountOptions(); }
   // Another node on the same device: its own slot, journal and cache.
   std::unique_ptr<Filesystem> MountSecondNode(bool background) {
     MountOptions o = NodeOptions();

@@ -21,6 +21,7 @@
 #include "dir/dir.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
+#include "fs/test_mount_options.h"
 #include "journal/journal.h"
 #include "lock/lock_manager.h"
 
@@ -53,11 +54,7 @@ class FsckTest : public ::testing::Test {
   }
 
   std::unique_ptr<Filesystem> MountFs() {
-    MountOptions o;
-    o.store.background = false;
-    o.heartbeat_ms_override = 50;
-    o.io_timeout_ms_override = 200;
-    o.dead_after_ms_override = 500;
+    MountOptions o = FastTestMountOptions();
     o.host = "testhost";
     auto fd = std::make_unique<FaultDevice>(mem_.get());
     fault_ = fd.get();

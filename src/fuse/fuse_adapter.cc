@@ -90,8 +90,9 @@ Caller CallerOf(fuse_req_t req, bool with_groups = false) {
 }
 
 void ReplyErr(fuse_req_t req, const Status& s) {
-  if ((s.Is(Code::kCorruption) || s.Is(Code::kIOError)) && FirstReport(s.ToString())) {
-    spdlog::error("{}", s.ToString());
+  if (s.Is(Code::kCorruption) || s.Is(Code::kIOError)) {
+    std::string msg = s.ToString();
+    if (FirstReport(msg)) spdlog::error("{}", msg);
   }
   fuse_reply_err(req, ToErrno(s));
 }

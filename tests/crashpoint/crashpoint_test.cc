@@ -45,6 +45,7 @@
 #include "device/recording_device.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
+#include "fs/test_mount_options.h"
 #include "fsck/fsck.h"
 
 namespace agorafs {
@@ -62,14 +63,7 @@ uint64_t EnvU64(const char* name, uint64_t def) {
 // Short cluster timings: the replay mount declares the crashed slot dead after 0.5 s.
 // Its own lease is then 450 ms, which a loaded machine can starve (its heartbeat
 // thread not run in time): such a check is retried with SlowNodeOptions().
-MountOptions NodeOptions() {
-  MountOptions o;
-  o.store.background = false;
-  o.heartbeat_ms_override = 50;
-  o.io_timeout_ms_override = 200;
-  o.dead_after_ms_override = 500;
-  return o;
-}
+MountOptions NodeOptions() { return FastTestMountOptions(); }
 MountOptions SlowNodeOptions() {
   MountOptions o = NodeOptions();
   o.heartbeat_ms_override = 200;
@@ -499,6 +493,33 @@ void HardLinkWorkload(Driver& d, std::mt19937_64& rng) {
   d.Fsync("/y");
 }
 
+// One operation on the shared directories /s and /t: create (and write), append,
+// rename, unlink, fsync of a file or of the directory. A create that failed (a cut
+// node) writes nothing.
+void SharedDirOp(Driver& d, std::mt19937_64& rng, int& next) {
+  const std::vector<std::string> dirs = {"/s", "/t"};
+  const std::string dir = dirs[rng() % dirs.size()];
+  std::vector<std::string> files = d.Files(dir);
+  const int kind = int(rng() % 10);
+  if (kind < 3 || files.empty()) {
+    std::string p = dir + "/n" + std::to_string(next++);
+    d.Create(p);
+    if (d.Exists(p)) d.Write(p, 0, Data(rng, 1 + rng() % 5000));
+  } else if (kind < 5) {
+    const std::string& p = files[rng() % files.size()];
+    d.Append(p, Data(rng, 1 + rng() % 9000));
+  } else if (kind < 6) {
+    d.Rename(files[rng() % files.size()],
+             dirs[rng() % dirs.size()] + "/n" + std::to_string(next++));
+  } else if (kind < 7) {
+    d.Unlink(files[rng() % files.size()]);
+  } else if (kind < 9) {
+    d.Fsync(files[rng() % files.size()]);
+  } else {
+    d.Fsync(dir);
+  }
+}
+
 // Two nodes at once on shared directories: creates, appends, renames and unlinks
 // from either node, fsync from either (the filesystem lock moves between them at
 // almost every step, so each handover commits and writes home the other's changes).
@@ -507,34 +528,15 @@ void TwoNodeWorkload(Driver& d, std::mt19937_64& rng) {
   d.Mkdir("/s");
   d.Mkdir("/t");
   d.Fsync("/");
-  const std::vector<std::string> dirs = {"/s", "/t"};
   int next = 0;
   for (int op = 0; op < 100; op++) {
     d.Use(rng() % d.node_count());
-    const std::string dir = dirs[rng() % dirs.size()];
-    std::vector<std::string> files = d.Files(dir);
-    const int kind = int(rng() % 10);
-    if (kind < 3 || files.empty()) {
-      std::string p = dir + "/n" + std::to_string(next++);
-      d.Create(p);
-      d.Write(p, 0, Data(rng, 1 + rng() % 5000));
-    } else if (kind < 5) {
-      const std::string& p = files[rng() % files.size()];
-      d.Append(p, Data(rng, 1 + rng() % 9000));
-    } else if (kind < 6) {
-      d.Rename(files[rng() % files.size()],
-               dirs[rng() % dirs.size()] + "/n" + std::to_string(next++));
-    } else if (kind < 7) {
-      d.Unlink(files[rng() % files.size()]);
-    } else if (kind < 9) {
-      d.Fsync(files[rng() % files.size()]);
-    } else {
-      d.Fsync(dir);
-    }
+    SharedDirOp(d, rng, next);
     if (::testing::Test::HasFatalFailure()) return;
   }
   d.Use(0);
-  for (const auto& p : dirs) d.Fsync(p);
+  d.Fsync("/s");
+  d.Fsync("/t");
 }
 
 // ------------------------------------------------------------------------------
@@ -907,30 +909,6 @@ class CutDevice final : public BlockDevice {
   uint64_t n_ = 0, seed_ = 0, writes_ = 0, flushes_ = 0;
 };
 
-// One operation of the mixed two-node workload (as in TwoNodeWorkload).
-void SharedDirOp(Driver& d, std::mt19937_64& rng, int& next) {
-  const std::vector<std::string> dirs = {"/s", "/t"};
-  const std::string dir = dirs[rng() % dirs.size()];
-  std::vector<std::string> files = d.Files(dir);
-  const int kind = int(rng() % 10);
-  if (kind < 3 || files.empty()) {
-    std::string p = dir + "/n" + std::to_string(next++);
-    d.Create(p);
-    if (d.Exists(p)) d.Write(p, 0, Data(rng, 1 + rng() % 5000));
-  } else if (kind < 5) {
-    const std::string& p = files[rng() % files.size()];
-    d.Append(p, Data(rng, 1 + rng() % 9000));
-  } else if (kind < 6) {
-    d.Rename(files[rng() % files.size()],
-             dirs[rng() % dirs.size()] + "/n" + std::to_string(next++));
-  } else if (kind < 7) {
-    d.Unlink(files[rng() % files.size()]);
-  } else if (kind < 9) {
-    d.Fsync(files[rng() % files.size()]);
-  } else {
-    d.Fsync(dir);
-  }
-}
 
 struct CutRun {
   bool cut_in_workload = false;  // the cut came during the shared phase (else at its end)
