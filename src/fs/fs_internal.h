@@ -6,6 +6,7 @@
 #include "cache/meta_txn.h"
 #include "format/format.h"
 #include "fs/filesystem.h"
+#include "fs/xattr.h"
 
 namespace agorafs {
 
@@ -51,6 +52,16 @@ inline void TouchData(InodeBlock* I, Timespec64 now) {
 // True when this thread's gates allow metadata writes (the node holds the lock
 // exclusively).
 bool GateAllowsWrite();
+
+// POSIX ACLs kept in step with the mode (fs/acl.h; in xattr_ops.cc).
+// After a chmod of `I`: its access ACL, if any, takes the new permission bits.
+Status AclChmod(MetaTxn& h, uint64_t ino, InodeBlock* I);
+// A new inode of mode `*mode` (type and permission bits as asked) in directory `P`:
+// with a default ACL there, `*mode` is limited by it and `*inherited` receives the
+// ACL xattrs the inode starts with; without one, the umask applies. Symlinks inherit
+// nothing and keep their mode.
+Status InheritAcl(MetaTxn& h, uint64_t parent, const InodeBlock& P, uint32_t umask,
+                  uint32_t* mode, xattr::Entries* inherited);
 
 inline const Status& StatusOf(const Status& s) { return s; }
 template <typename T>

@@ -19,6 +19,7 @@
 
 #include "device/fault_device.h"
 #include "device/mem_device.h"
+#include "fs/acl.h"
 #include "fs/super.h"
 #include "fs/test_mount_options.h"
 #include "fsck/fsck.h"
@@ -221,6 +222,103 @@ TEST_F(FsTest, XattrsInlineAndExternal) {
   user.uid = 1000;
   EXPECT_TRUE(fs_->SetXattr(user, f, "trusted.t", "v", 0).Is(Code::kPermission));
   EXPECT_TRUE(fs_->SetXattr(caller_, f, "weird.t", "v", 0).Is(Code::kNotSupported));
+}
+
+// POSIX ACLs: the filesystem keeps the ACL and the mode consistent (the kernel
+// evaluates them; tests/integration/test_security.py checks enforcement).
+TEST_F(FsTest, AccessAclSetsModeAndChmodRewritesIt) {
+  using namespace acl;
+  uint64_t f = Create(Root(), "acl", S_IFREG | 0644);
+  Acl a = {{kUserObj, 6, kUndefinedId}, {kUser, 7, 1000}, {kGroupObj, 4, kUndefinedId},
+           {kMask, 5, kUndefinedId}, {kOther, 0, kUndefinedId}};
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, kAccessName, Encode(a), 0).ok());
+  EXPECT_EQ(fs_->GetAttr(f)->mode & 07777, 0650u);  // group bits = mask
+  EXPECT_EQ(*fs_->GetXattr(caller_, f, kAccessName), Encode(a));
+  // chmod rewrites owner, mask and other; named entries stay.
+  SetAttrRequest r;
+  r.mode = true;
+  r.new_mode = 0741;
+  ASSERT_TRUE(fs_->SetAttr(caller_, f, r).ok());
+  Remount();
+  auto got = Decode(*fs_->GetXattr(caller_, f, kAccessName));
+  ASSERT_TRUE(got.ok());
+  Acl want = {{kUserObj, 7, kUndefinedId}, {kUser, 7, 1000}, {kGroupObj, 4, kUndefinedId},
+              {kMask, 4, kUndefinedId}, {kOther, 1, kUndefinedId}};
+  EXPECT_EQ(*got, want);
+  // An ACL that says no more than the mode is not stored: it only sets the mode.
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, kAccessName, Encode(FromMode(0604)), 0).ok());
+  EXPECT_EQ(fs_->GetAttr(f)->mode & 07777, 0604u);
+  EXPECT_TRUE(fs_->GetXattr(caller_, f, kAccessName).status().Is(Code::kNoData));
+  // Invalid values, the wrong caller, symlinks and default ACLs on files are refused.
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, kAccessName, "junk", 0).Is(Code::kInvalid));
+  Caller other;
+  other.uid = 1000;
+  EXPECT_TRUE(fs_->SetXattr(other, f, kAccessName, Encode(a), 0).Is(Code::kPermission));
+  EXPECT_TRUE(fs_->SetXattr(caller_, f, kDefaultName, Encode(a), 0).Is(Code::kAccess));
+  auto l = fs_->Symlink(caller_, Root(), "ln", "acl");
+  ASSERT_TRUE(l.ok());
+  EXPECT_TRUE(fs_->SetXattr(caller_, l->ino, kAccessName, Encode(a), 0).Is(Code::kNotSupported));
+  // The owner (not root) may set it; a set-group-ID bit it could not set goes.
+  uint64_t g = Create(Root(), "sgid", S_IFREG | 02755);
+  SetAttrRequest own;
+  own.uid = own.gid = true;
+  own.new_uid = 1000;
+  own.new_gid = 77;
+  ASSERT_TRUE(fs_->SetAttr(caller_, g, own).ok());
+  r.new_mode = 02755;
+  ASSERT_TRUE(fs_->SetAttr(caller_, g, r).ok());
+  ASSERT_TRUE(fs_->SetXattr(other, g, kAccessName, Encode(a), 0).ok());
+  EXPECT_EQ(fs_->GetAttr(g)->mode & 07777, 0650u);
+}
+
+TEST_F(FsTest, DefaultAclIsInheritedAndUmaskOnlyWithoutOne) {
+  using namespace acl;
+  Caller c = caller_;
+  c.umask = 027;
+  // Without a default ACL the umask applies.
+  auto plain = fs_->Mkdir(c, Root(), "plain", 0777);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->mode & 07777, 0750u);
+  auto pf = fs_->Mknod(c, plain->ino, "f", S_IFREG | 0666, 0);
+  ASSERT_TRUE(pf.ok());
+  EXPECT_EQ(pf->mode & 07777, 0640u);
+  // With one, the umask does not; the default ACL limits the requested mode instead.
+  Acl d = {{kUserObj, 7, kUndefinedId}, {kUser, 7, 1000}, {kGroupObj, 5, kUndefinedId},
+           {kMask, 7, kUndefinedId}, {kOther, 5, kUndefinedId}};
+  ASSERT_TRUE(fs_->SetXattr(caller_, plain->ino, kDefaultName, Encode(d), 0).ok());
+  auto f = fs_->Mknod(c, plain->ino, "file", S_IFREG | 0666, 0);
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->mode & 07777, 0664u);  // rw- / mask rw- / r--
+  auto fa = Decode(*fs_->GetXattr(caller_, f->ino, kAccessName));
+  ASSERT_TRUE(fa.ok());
+  Acl want = {{kUserObj, 6, kUndefinedId}, {kUser, 7, 1000}, {kGroupObj, 5, kUndefinedId},
+              {kMask, 6, kUndefinedId}, {kOther, 4, kUndefinedId}};
+  EXPECT_EQ(*fa, want);
+  EXPECT_TRUE(fs_->GetXattr(caller_, f->ino, kDefaultName).status().Is(Code::kNoData));
+  // A subdirectory inherits both: the access ACL and the default ACL itself.
+  auto sub = fs_->Mkdir(c, plain->ino, "sub", 0755);
+  ASSERT_TRUE(sub.ok());
+  EXPECT_EQ(sub->mode & 07777, 0755u);
+  EXPECT_EQ(*fs_->GetXattr(caller_, sub->ino, kDefaultName), Encode(d));
+  EXPECT_TRUE(fs_->GetXattr(caller_, sub->ino, kAccessName).ok());
+  auto deeper = fs_->Mknod(c, sub->ino, "deeper", S_IFREG | 0600, 0);
+  ASSERT_TRUE(deeper.ok());
+  EXPECT_EQ(deeper->mode & 07777, 0600u);
+  // Symlinks take nothing.
+  auto ln = fs_->Symlink(c, plain->ino, "ln", "file");
+  ASSERT_TRUE(ln.ok());
+  EXPECT_EQ(ln->mode & 07777, 0777u);
+  // Removing the default ACL brings the umask back; everything stays consistent.
+  ASSERT_TRUE(fs_->RemoveXattr(caller_, plain->ino, kDefaultName).ok());
+  auto after = fs_->Mknod(c, plain->ino, "after", S_IFREG | 0666, 0);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->mode & 07777, 0640u);
+  EXPECT_TRUE(fs_->GetXattr(caller_, after->ino, kAccessName).status().Is(Code::kNoData));
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
 }
 
 TEST_F(FsTest, FallocateAndSeekHoles) {

@@ -95,6 +95,8 @@ Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::s
     if (is_dir) mode |= S_ISGID;
   }
   if (!is_dir && (mode & S_ISGID) && !c.root() && !c.InGroup(gid)) mode &= ~S_ISGID;
+  xattr::Entries inherited;
+  AGFS_RETURN_IF_ERROR(InheritAcl(*h, parent, *P, c.umask, &mode, &inherited));
 
   auto nb = h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), parent);
   if (!nb.ok()) return nb.status();
@@ -119,9 +121,14 @@ Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::s
   } else {
     I->data_kind = uint8_t(DataKind::kInline);
   }
-  Status st = dir::Add(*h, parent, P, name, ino, DirentType(mode));
+  Status st = inherited.empty() ? Status::Ok() : xattr::Store(*h, ino, I, inherited);
+  if (st.ok()) st = dir::Add(*h, parent, P, name, ino, DirentType(mode));
   if (!st.ok()) {
-    // Undo the allocation; nothing else changed yet.
+    // Undo the allocations; nothing else changed yet.
+    if (I->xattr_block != 0) {
+      Status xs = xattr::Store(*h, ino, I, {});
+      if (!xs.ok()) spdlog::error("undoing the inherited ACLs: {}", xs.ToString());
+    }
     Status fs = h->Free(ino, 1);
     if (!fs.ok()) spdlog::error("undoing inode allocation: {}", fs.ToString());
     return st;
@@ -500,6 +507,7 @@ Result<Attr> Filesystem::SetAttr(const Caller& c, uint64_t ino, const SetAttrReq
     uint32_t m = r.new_mode & 07777;
     if (!c.root() && !IsDir(*I) && (m & S_ISGID) && !c.InGroup(I->gid)) m &= ~S_ISGID;
     I->mode = (I->mode & S_IFMT) | m;
+    AGFS_RETURN_IF_ERROR(AclChmod(*h, ino, I));
     changed = true;
   }
   if (r.atime || r.mtime) {

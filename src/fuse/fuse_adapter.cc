@@ -203,6 +203,12 @@ void OpInit(void* userdata, fuse_conn_info* conn) {
   // whenever the attributes are not cached: after every loss of the filesystem lock,
   // see the header): how other nodes' writes become visible.
   if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
+  // POSIX ACLs: the kernel checks permissions against the ACL xattrs it reads from us
+  // (and forgets them whenever it refreshes the attributes, so another node's setfacl
+  // counts as soon as its chmod would); umask is left to us, which applies it only when
+  // the parent has no default ACL (acl(5)).
+  if (conn->capable & FUSE_CAP_POSIX_ACL) conn->want |= FUSE_CAP_POSIX_ACL;
+  if (conn->capable & FUSE_CAP_DONT_MASK) conn->want |= FUSE_CAP_DONT_MASK;
 }
 
 void OpDestroy(void* userdata) {

@@ -2,6 +2,7 @@
 import errno
 import os
 import stat
+import subprocess
 import time
 import unittest
 
@@ -377,6 +378,128 @@ class PermissionTest(MountedTest):
         self.assertEqual((st.st_uid, st.st_gid), (1234, 5678))
         os.chown(path, -1, 42)
         self.assertEqual((os.stat(path).st_uid, os.stat(path).st_gid), (1234, 42))
+
+
+def facl(*args):
+    """setfacl/getfacl as the admin runs them; returns getfacl's output."""
+    p = subprocess.run(list(args), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise AssertionError(f"{args}: {p.stderr}")
+    return p.stdout
+
+
+def read_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+def append(path, data):
+    with open(path, "a") as f:
+        f.write(data)
+
+
+class AclTest(MountedTest):
+    """POSIX ACLs set with setfacl are enforced by the kernel against what agorafs
+    stores, stay consistent with the mode, and are inherited from default ACLs."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.mnt, 0o755)
+
+    def secret(self, name="secret"):
+        path = self.p(name)
+        with open(path, "w") as f:
+            f.write("secret")
+        os.chmod(path, 0o600)
+        return path
+
+    def test_named_entries_grant_what_the_mode_denies_and_the_mask_limits(self):
+        path = self.secret()
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, read_file, path)
+        facl("setfacl", "-m", "u:1000:r,g:2000:rw", path)
+        self.assertEqual(as_user(1000, 1000, read_file, path), "secret")
+        as_user(1001, 2000, append, path, "+g")  # named group entry
+        with self.assertRaises(PermissionError):
+            as_user(1001, 1001, read_file, path)  # nobody else
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, append, path, "x")  # r only
+        # The mode's group bits show the mask.
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        out = facl("getfacl", "-n", path)
+        self.assertIn("user:1000:r--", out)
+        self.assertIn("group:2000:rw-", out)
+        # The mask limits named entries; chmod rewrites the mask.
+        facl("setfacl", "-m", "m::-", path)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, read_file, path)
+        os.chmod(path, 0o640)
+        self.assertIn("mask::r--", facl("getfacl", "-n", path))
+        self.assertEqual(as_user(1000, 1000, read_file, path), "secret+g")
+        with self.assertRaises(PermissionError):
+            as_user(1001, 2000, append, path, "x")  # rw limited to r by the mask
+        # Directories: search and listing follow the ACL too.
+        os.mkdir(self.p("d"), 0o700)
+        open(self.p("d", "f"), "w").close()
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, os.listdir, self.p("d"))
+        facl("setfacl", "-m", "u:1000:rx", self.p("d"))
+        self.assertEqual(as_user(1000, 1000, os.listdir, self.p("d")), ["f"])
+        # Removing the ACL takes the grants away; the other users' bits stay as they were.
+        facl("setfacl", "-b", path)
+        self.assertNotIn("user:1000", facl("getfacl", "-n", path))
+        os.chmod(path, 0o600)
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, read_file, path)
+        # Only the owner (or root) may change an ACL.
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, os.setxattr, path, "system.posix_acl_access",
+                    os.getxattr(self.p("d"), "system.posix_acl_access"))
+        self.assertClean()
+
+    def test_default_acl_is_inherited_and_umask_applies_only_without_one(self):
+        os.mkdir(self.p("shared"), 0o755)
+        facl("setfacl", "-d", "-m", "u:1000:rwx", self.p("shared"))
+        os.mkdir(self.p("plain"), 0o755)
+        subprocess.run(["sh", "-c", f"umask 077; touch {self.p('shared', 'f')} "
+                        f"{self.p('plain', 'f')}; mkdir {self.p('shared', 'sub')}"], check=True)
+        # Without a default ACL: 0666 & ~077.
+        self.assertEqual(os.stat(self.p("plain", "f")).st_mode & 0o777, 0o600)
+        # With one: the umask is ignored, the default ACL limits 0666 instead.
+        self.assertEqual(os.stat(self.p("shared", "f")).st_mode & 0o777, 0o664)
+        out = facl("getfacl", "-n", self.p("shared", "f"))
+        self.assertRegex(out, r"user:1000:rwx\s+#effective:rw-")
+        as_user(1000, 1000, append, self.p("shared", "f"), "from 1000")
+        # A subdirectory inherits the default ACL as its own default and access ACL.
+        self.assertIn("default:user:1000:rwx", facl("getfacl", "-n", self.p("shared", "sub")))
+        as_user(1000, 1000, lambda: open(self.p("shared", "sub", "g"), "w").close())
+        self.assertEqual(os.stat(self.p("shared", "sub", "g")).st_uid, 1000)
+        self.assertClean()
+
+    def test_acl_change_on_one_node_counts_at_once_on_another(self):
+        m2 = self.s.mount("m2", opts=self.mount_opts)
+        path = self.secret()
+        other = os.path.join(m2, "secret")
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, read_file, other)
+        facl("setfacl", "-m", "u:1000:r", path)
+        self.assertEqual(as_user(1000, 1000, read_file, other), "secret")
+        facl("setfacl", "-x", "u:1000", path)
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, read_file, other)
+        # The other way round, on a directory (cached longer than a file's attributes).
+        os.mkdir(os.path.join(m2, "d"), 0o700)
+        self.assertEqual(os.listdir(self.p("d")), [])
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, os.listdir, self.p("d"))
+        facl("setfacl", "-m", "u:1000:rx", os.path.join(m2, "d"))
+        self.assertEqual(as_user(1000, 1000, os.listdir, self.p("d")), [])
+        facl("setfacl", "-m", "u:1000:-", os.path.join(m2, "d"))
+        with self.assertRaises(PermissionError):
+            as_user(1000, 1000, os.listdir, self.p("d"))
+        self.s.unmount(m2)
+        self.assertClean()
 
 
 class MountLifecycleTest(unittest.TestCase):
