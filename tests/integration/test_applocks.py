@@ -10,7 +10,8 @@ blocks a process. Checked: exclusive and shared flock across nodes, a blocking f
 that returns only after the holder on another node unlocks; byte ranges (a write lock
 on [0,100) on A lets B lock [100,200) but not [50,60)); F_GETLK type/start/len (pid 0
 for a holder on another node, the real pid on the same node); a signal interrupts a
-blocking F_SETLKW with EINTR; killing the holder process frees its locks; kill -9 of
+blocking F_SETLKW with EINTR; more blocked waiters than the daemon has FUSE worker
+threads do not stall the node; killing the holder process frees its locks; kill -9 of
 the holder's node (the daemon) frees its locks once the node is recovered, and the
 blocked waiters on the other nodes then get them. Timeouts are generous; nothing
 asserts speed."""
@@ -228,6 +229,41 @@ class AppLockCases:
         self.assertEqual(c.reply(), "ok")
         self.assertEqual(b.do("getlk r 155 1"), "w 150 10 0")
         for x in (a, a2, b, c):
+            x.kill()
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_more_blocked_waiters_than_fuse_workers_do_not_stall_the_node(self):
+        r = self.rig()
+        a = self.agent(0)
+        self.assertEqual(a.do("flock ex"), "ok")
+        waiters = [self.agent(1) for _ in range(12)]  # the daemon has 8 FUSE workers
+        for w in waiters:
+            w.send("flock ex")
+        self.assertTrue(waiters[-1].no_reply_for(2))
+        # Node 1 still serves everything else meanwhile.
+        p = os.path.join(self.mps[1], "other")
+        with open(p, "wb") as f:
+            f.write(b"served")
+        with open(p, "rb") as f:
+            self.assertEqual(f.read(), b"served")
+        self.assertEqual(sorted(os.listdir(self.mps[1])), ["lockfile", "other"])
+        # Each waiter gets the lock in turn once the one before lets go.
+        self.assertEqual(a.do("flock un"), "ok")
+        left = list(waiters)
+        deadline = time.time() + LONG
+        while left and time.time() < deadline:
+            for w in list(left):
+                if not w.no_reply_for(0.05):
+                    self.assertEqual(w.reply(), "ok")
+                    for other in left:
+                        if other is not w:
+                            self.assertTrue(other.q.empty(), "two exclusive holders")
+                    self.assertEqual(w.do("flock un"), "ok")
+                    left.remove(w)
+        self.assertEqual(left, [])
+        for x in [a, *waiters]:
             x.kill()
         for i in range(3):
             r.unmount(i)
