@@ -185,7 +185,17 @@ void AppLockServer::Loop() {
       Status st;
       if (!w->interrupted) {
         lk.unlock();
-        st = fs_->SetLock(w->ino, w->lock);
+        // Test under the shared gate first: a poll that finds the lock still taken
+        // then costs no exclusive hold of the filesystem lock (which would make the
+        // holder's node write its cache home).
+        auto t = fs_->TestLock(w->ino, w->lock);
+        if (!t.ok()) {
+          st = t.status();
+        } else if (t->type != AppLockType::kUnlock) {
+          st = Err(Code::kAgain, "still locked");
+        } else {
+          st = fs_->SetLock(w->ino, w->lock);
+        }
         lk.lock();
         if (st.Is(Code::kAgain) && !w->interrupted) continue;  // still waiting
         if (st.Is(Code::kAgain)) st = Err(Code::kInterrupted, "lock wait interrupted");

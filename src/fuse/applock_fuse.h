@@ -8,7 +8,8 @@
 //   waited for on the FUSE worker thread (libfuse's pool is bounded): it is queued and
 //   answered by one waiter thread, which retries the queue in FIFO order whenever a
 //   lock on this node was dropped and otherwise polls with backoff (5 ms doubling to
-//   100 ms), since other nodes' unlocks are seen only on the disk. A signal to the
+//   100 ms), since other nodes' unlocks are seen only on the disk; a retry tests
+//   under the shared gate and takes the exclusive one only to set. A signal to the
 //   waiting process (FUSE interrupt) answers EINTR; Stop() answers EINTR to every
 //   pending wait before the session ends. Only the waiter thread answers queued
 //   requests, so each gets exactly one reply; a wait granted while its interrupt
