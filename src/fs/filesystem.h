@@ -60,6 +60,7 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cache/meta_store.h"
@@ -67,6 +68,7 @@
 #include "cluster/membership.h"
 #include "device/block_device.h"
 #include "format/format.h"
+#include "fs/applock.h"
 #include "journal/journal.h"
 #include "lock/lock_manager.h"
 
@@ -244,6 +246,22 @@ class Filesystem {
   Result<std::string> ListXattr(const Caller& c, uint64_t ino);  // NUL-separated
   Status RemoveXattr(const Caller& c, uint64_t ino, std::string_view name);
 
+  // Application locks, cluster-wide (applock_ops.cc; docs/DESIGN.md "Application
+  // locks"). `want` gives kind, type, range, owner (the kernel's lock_owner) and pid;
+  // this node's slot and generation are filled in here. Lock changes touch no times.
+  // TestLock: the first live lock of another owner that conflicts with `want` (shared
+  // gate), or one of type kUnlock; a holder on another node is reported with pid 0.
+  Result<AppLock> TestLock(uint64_t ino, AppLock want);
+  // SetLock: takes (read/write) or drops (kUnlock) `want` under the exclusive gate, and
+  // prunes the entries of node generations that are gone. kAgain when a live lock of
+  // another owner conflicts (nothing changed), kNoLocks when the table is full.
+  Status SetLock(uint64_t ino, AppLock want);
+  // Drops every lock of `kind` that `owner` of this node holds on `ino` (close/release).
+  // Free when this node never locked `ino` since it mounted.
+  Status ReleaseLocks(uint64_t ino, AppLockKind kind, uint64_t owner);
+  // False only when membership positively knows that node generation is gone.
+  bool LockOwnerLive(uint32_t slot, uint64_t generation) const;
+
  private:
   // Per-inode locks for data I/O; exists only while some operation uses it.
   struct InodeState {
@@ -314,6 +332,12 @@ class Filesystem {
   std::mutex hook_mu_;
   std::function<void()> lock_loss_hook_;  // GUARDED_BY(hook_mu_)
   std::unordered_map<uint64_t, std::weak_ptr<InodeState>> states_;  // GUARDED_BY(states_mu_)
+
+  // Inodes on which this node (this mount) may hold application locks; every entry of
+  // this node's generation was written by this process, so an inode missing here has
+  // none and close/release skip it.                       GUARDED_BY(applock_mu_)
+  std::mutex applock_mu_;
+  std::unordered_set<uint64_t> applock_inos_;
 
   // Cluster (filesystem.cc).
   bool unmounted_ = false;

@@ -212,6 +212,7 @@ Result<std::string> Filesystem::ListXattr(const Caller& c, uint64_t ino) {
   std::string out;
   for (auto& e : list) {
     if (NamespaceOf(e.first) == Ns::kTrusted && !c.root()) continue;
+    if (applock::IsInternalXattr(e.first)) continue;  // the application lock table
     out += e.first;
     out.push_back('\0');
   }

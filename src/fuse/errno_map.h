@@ -40,6 +40,8 @@ inline int ToErrno(const Status& s) {
     case Code::kStale: return EIO;
     case Code::kAborted: return EIO;
     case Code::kStaleInode: return ESTALE;
+    case Code::kNoLocks: return ENOLCK;
+    case Code::kInterrupted: return EINTR;
   }
   return EIO;
 }

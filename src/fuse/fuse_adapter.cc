@@ -20,6 +20,7 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "fuse/applock_fuse.h"
 #include "fuse/errno_map.h"
 #include "util/log_once.h"
 
@@ -39,6 +40,8 @@ struct Ctx {
   bool kernel_epochs = false;
   // A name timeout was handed out since the hook last ran.
   std::atomic<bool> entries_cached{false};
+  // Application locks (flock, fcntl): applock_fuse.h.
+  AppLockServer* locks = nullptr;
 };
 
 // FUSE_NOTIFY_INC_EPOCH (Linux 6.16, protocol 7.44), not in libfuse 3.14 nor in
@@ -380,9 +383,26 @@ void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_
   fuse_reply_write(req, *r);
 }
 
-void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Status st = C(req)->locks->Release(ToFs(req, ino), fi);  // the open file's flock
+  if (!st.ok() && !st.Is(Code::kStaleInode)) spdlog::warn("release: {}", st.ToString());
   F(req)->Release(ToFs(req, ino));
   fuse_reply_err(req, 0);
+}
+
+// Application locks (applock_fuse.h). Flush drops the closing process's POSIX locks.
+void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Status st = C(req)->locks->Flush(ToFs(req, ino), fi);
+  fuse_reply_err(req, st.Is(Code::kStaleInode) ? 0 : ToErrno(st));
+}
+void OpGetlk(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, struct flock* lock) {
+  C(req)->locks->GetLk(req, ToFs(req, ino), fi, lock);
+}
+void OpSetlk(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, struct flock* lock, int sleep) {
+  C(req)->locks->SetLk(req, ToFs(req, ino), fi, lock, sleep != 0);
+}
+void OpFlock(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, int op) {
+  C(req)->locks->Flock(req, ToFs(req, ino), fi, op);
 }
 
 void OpFsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
@@ -555,10 +575,15 @@ fuse_lowlevel_ops MakeOps() {
   ops.create = OpCreate;
   ops.read = OpRead;
   ops.write = OpWrite;
-  // No flush handler: data is never held back in the daemon, so close() has nothing
-  // to report, and without one the kernel stops sending FLUSH (one round trip less
-  // per close). Application locks (a later issue) will need it back.
+  // Flush: data is never held back in the daemon; FLUSH carries the closing
+  // process's lock_owner, whose POSIX locks go (free unless this node locked the file).
+  ops.flush = OpFlush;
   ops.release = OpRelease;
+  // getlk+setlk and flock make libfuse ask for FUSE_CAP_POSIX_LOCKS and
+  // FUSE_CAP_FLOCK_LOCKS; OpInit leaves them set.
+  ops.getlk = OpGetlk;
+  ops.setlk = OpSetlk;
+  ops.flock = OpFlock;
   ops.fsync = OpFsync;
   ops.opendir = OpOpendir;
   ops.readdir = OpReaddir;
@@ -609,6 +634,8 @@ void RaiseReadahead(const std::string& mountpoint) {
 
 int RunFuse(Filesystem* fs, const FuseOptions& opts) {
   Ctx ctx{fs, opts};
+  AppLockServer locks(fs);
+  ctx.locks = &locks;
   std::vector<std::string> argv_s = {"agorafs", "-o", "default_permissions",
                                      "-o", "fsname=" + opts.fsname, "-o", "subtype=agorafs"};
   if (opts.allow_other) {
@@ -650,6 +677,7 @@ int RunFuse(Filesystem* fs, const FuseOptions& opts) {
       // capped at max_threads, so this costs at most that many request buffers.
       fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads);
       rc = fuse_session_loop_mt(se, cfg);
+      locks.Stop();  // answers pending lock waits (EINTR) while the session is up
       // libfuse reports the signal that ended the loop; SIGTERM/INT/HUP is a clean end.
       if (rc == SIGTERM || rc == SIGINT || rc == SIGHUP) rc = 0;
       fuse_loop_cfg_destroy(cfg);

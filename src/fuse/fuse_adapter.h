@@ -35,6 +35,9 @@
 //   when the getattr that follows an attribute invalidation shows another mtime or
 //   size; Filesystem makes mtime move forward on every data change.
 //
+// Application locks (flock, fcntl): getlk/setlk/flock and flush/release go to an
+// AppLockServer (applock_fuse.h), which answers blocking waits from its own thread.
+//
 // Thread-safety: handlers run concurrently on libfuse's worker threads; Filesystem is
 // thread-safe.
 #pragma once

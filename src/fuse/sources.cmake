@@ -1,1 +1,2 @@
-list(APPEND AGORAFS_SOURCES ${CMAKE_CURRENT_LIST_DIR}/fuse_adapter.cc)
+list(APPEND AGORAFS_SOURCES ${CMAKE_CURRENT_LIST_DIR}/fuse_adapter.cc
+  ${CMAKE_CURRENT_LIST_DIR}/applock_fuse.cc)

@@ -35,6 +35,8 @@ const char* CodeName(Code c) {
     case Code::kStale: return "Stale";
     case Code::kAborted: return "Aborted";
     case Code::kStaleInode: return "StaleInode";
+    case Code::kNoLocks: return "NoLocks";
+    case Code::kInterrupted: return "Interrupted";
   }
   return "Unknown";
 }

@@ -49,6 +49,8 @@ enum class Code : int {
   kStale,         // EIO: an agreement instance this node worked on is already decided
   kAborted,       // EIO: the service is stopping
   kStaleInode,    // ESTALE: the inode the caller names was deleted (on another node)
+  kNoLocks,       // ENOLCK: an application lock table is full
+  kInterrupted,   // EINTR: a wait was interrupted (signal, unmount)
 };
 
 const char* CodeName(Code c);
