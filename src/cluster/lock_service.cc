@@ -471,7 +471,9 @@ struct LockService::Impl {
       if (op == kMsgRevoke) ApplyRevoke(id, mode);
       return;
     }
-    from_master.push_back(MakeMsg(op, id, mode, dest, master.epoch));
+    Msg m = MakeMsg(op, id, mode, dest, master.epoch);
+    m.dest_gen = uint32_t(nodes[dest].gen);
+    from_master.push_back(m);
   }
 
   void MasterHandle(uint32_t from, const Msg& msg) {
@@ -724,7 +726,10 @@ struct LockService::Impl {
     if (master.slot != ms || master.generation != mg) return;
     master_next = next;
     for (const Msg& msg : *msgs) {
-      if (msg.dest != me || msg.epoch != master.epoch) continue;
+      // Messages to an earlier occupant of our slot (same epoch) are not ours.
+      if (msg.dest != me || msg.epoch != master.epoch || msg.dest_gen != uint32_t(my_gen)) {
+        continue;
+      }
       if (msg.op == kMsgGrant) ApplyGrant(msg.lock, LockMode(msg.mode));
       if (msg.op == kMsgRevoke) ApplyRevoke(msg.lock, LockMode(msg.mode));
     }

@@ -42,9 +42,9 @@ struct Node {
 
 class Cluster {
  public:
-  Cluster() : mem_(std::make_shared<MemDevice>(uint64_t(96) << 20)) {
+  explicit Cluster(uint32_t slots = 8) : mem_(std::make_shared<MemDevice>(uint64_t(96) << 20)) {
     MkfsOptions mo;
-    mo.params.node_slots = 8;
+    mo.params.node_slots = slots;
     auto sb = Mkfs(mem_.get(), mo);
     EXPECT_TRUE(sb.ok()) << sb.status().ToString();
     sb_ = *sb;
@@ -183,6 +183,44 @@ TEST(LockService, SharedHoldersCoexistAndExclusiveWaits) {
   t2.join();
   EXPECT_TRUE(x);
   EXPECT_EQ(b->ls->Held(kL1), LockMode::kNone);
+}
+
+// A node that takes over a slot in the middle of an epoch reads the master's ring from
+// the epoch's start; the grants to the slot's previous occupant are not its own.
+TEST(LockService, NextOccupantOfASlotIgnoresItsPredecessorsGrants) {
+  Cluster c(2);  // the next node can only take b's slot (Join picks a random free one)
+  auto a = c.Start();
+  auto b = c.Start();
+  ASSERT_TRUE(b->ls->Lock(kL1, LockMode::kExclusive).ok());
+  b->ls->Unpin(kL1);
+  uint32_t slot = b->m->slot();
+  uint64_t gen = b->m->generation();
+  b->ls->Stop();
+  ASSERT_TRUE(b->m->Leave().ok());
+  b.reset();
+  ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());  // pinned until below
+  auto b2 = c.Start();
+  ASSERT_TRUE(b2);
+  ASSERT_EQ(b2->m->slot(), slot);
+  ASSERT_NE(b2->m->generation(), gen);
+  // Asked for at once, before b2 has read the master's ring, where b's grant waits.
+  std::atomic<bool> got{false};
+  std::thread t([&] {
+    ASSERT_TRUE(b2->ls->Lock(kL1, LockMode::kShared).ok());
+    got = true;
+    b2->ls->Unpin(kL1);
+  });
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (b2->ls->stats().epoch == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(b2->ls->stats().epoch, a->ls->stats().epoch);  // same epoch: the ring is reread
+  std::this_thread::sleep_for(300ms);
+  EXPECT_FALSE(got.load()) << "granted while another node pins the lock exclusive";
+  a->ls->Unpin(kL1);
+  t.join();
+  EXPECT_TRUE(got);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kShared);  // a was revoked down to shared
 }
 
 TEST(LockService, RevokeWritesHomeBeforeTheNextHolderReads) {

@@ -315,7 +315,10 @@ struct __attribute__((packed)) Msg {
   uint16_t dest;  // destination slot
   uint8_t op;     // MsgOp
   uint8_t mode;   // LockMode
-  uint32_t arg;   // op-specific (request ticket low bits)
+  // Master to node: the low 32 bits of the destination's generation. A node that
+  // takes over a slot in the middle of an epoch reads the master's ring from the
+  // epoch's start and must not take its predecessor's grants for its own.
+  uint32_t dest_gen;
 };
 static_assert(sizeof(Msg) == 32);
 inline constexpr size_t kMsgsPerRingBlock = 125;

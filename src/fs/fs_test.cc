@@ -574,6 +574,27 @@ TEST_F(FsTest, HeartbeatKeepsTheSlotMarkedMounted) {
 
 // Two nodes in one process on one device: each sees the other's changes at once, the
 // filesystem lock moves between them, and their slots differ.
+// A node mounting into the slot another node left during this lock epoch sees what
+// the remaining node changed since (it once took its predecessor's grants for its own).
+TEST_F(FsTest, NodeInAFreedSlotSeesTheOthersChanges) {
+  uint64_t f = Create(Root(), "f");
+  auto b = MountSecondNode(true);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(b->Lookup(b->root_ino(), "f").ok());
+  ASSERT_TRUE(b->GetXattr(caller_, f, "user.z").status().Is(Code::kNoData));
+  ASSERT_TRUE(b->Unmount().ok());
+  b.reset();
+  ASSERT_TRUE(fs_->SetXattr(caller_, f, "user.z", "zz", 0).ok());
+  ASSERT_TRUE(fs_->Mkdir(caller_, Root(), "d", 0755).ok());
+  b = MountSecondNode(true);  // two slots: it takes the freed one
+  ASSERT_TRUE(b);
+  auto x = b->GetXattr(caller_, f, "user.z");
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  EXPECT_EQ(*x, "zz");
+  EXPECT_TRUE(b->Lookup(b->root_ino(), "d").ok());
+  ASSERT_TRUE(b->Unmount().ok());
+}
+
 TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
   std::unique_ptr<Filesystem> b = MountSecondNode(false);
   ASSERT_TRUE(b);
