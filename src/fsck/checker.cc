@@ -10,6 +10,8 @@
 #include <unordered_set>
 
 #include "extent/extent.h"
+#include "fs/acl.h"
+#include "fs/applock.h"
 #include "fs/xattr.h"
 #include "fs/inode.h"
 #include "fs/super.h"
@@ -355,7 +357,10 @@ void Checker::CheckXattrs(uint64_t ino, const InodeBlock& I, Ino& in) {
                            il.status().message()));
     FixOf(ino).clear_inline_xattr = true;
   }
-  if (I.xattr_block == 0) return;
+  if (I.xattr_block == 0) {
+    if (il.ok()) CheckXattrValues(ino, I, *il);
+    return;
+  }
   const uint64_t xb = I.xattr_block;
   std::string why;
   if (!ValidBlock(xb)) {
@@ -380,11 +385,39 @@ void Checker::CheckXattrs(uint64_t ino, const InodeBlock& I, Ino& in) {
   }
   if (why.empty()) {
     in.xattr_kept = true;
+    if (il.ok()) {
+      auto all = xattr::List(txn_, ino, I);
+      if (all.ok()) CheckXattrValues(ino, I, *all);
+    }
     return;
   }
   AddProblem("bad-xattr", xb, ino,
              fmt::format("inode {}: external xattr block {} dropped: {}", ino, xb, why));
   FixOf(ino).drop_xattr_block = true;
+}
+
+// Values the filesystem interprets: POSIX ACLs (the kernel would refuse a bad one on
+// every permission check) and the application lock table. A bad one is dropped: the
+// mode bits still hold, and application locks do not outlive their holders anyway.
+void Checker::CheckXattrValues(uint64_t ino, const InodeBlock& I, const xattr::Entries& list) {
+  for (const auto& [name, value] : list) {
+    std::string why;
+    if (name == acl::kAccessName || name == acl::kDefaultName) {
+      if (S_ISLNK(I.mode)) {
+        why = "an ACL on a symlink";
+      } else if (name == acl::kDefaultName && !S_ISDIR(I.mode)) {
+        why = "a default ACL on a non-directory";
+      } else if (auto a = acl::Decode(value); !a.ok()) {
+        why = a.status().message();
+      }
+    } else if (applock::IsInternalXattr(name)) {
+      if (auto t = applock::Decode(value); !t.ok()) why = t.status().message();
+    }
+    if (why.empty()) continue;
+    AddProblem("bad-xattr-value", ino, ino,
+               fmt::format("inode {}: extended attribute {} dropped: {}", ino, name, why));
+    FixOf(ino).drop_xattrs.push_back(name);
+  }
 }
 
 void Checker::CheckFileData(uint64_t ino, const InodeBlock& I, Ino& in) {

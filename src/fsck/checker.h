@@ -16,6 +16,7 @@
 
 #include "dir/dir.h"
 #include "fsck/fsck.h"
+#include "fs/xattr.h"
 #include "fsck/fsck_internal.h"
 
 namespace agorafs::fsck_internal {
@@ -45,6 +46,7 @@ struct Fix {
   bool clear_orphan_flag = false;
   bool clear_inline_xattr = false;
   bool drop_xattr_block = false;
+  std::vector<std::string> drop_xattrs;  // entries whose values are invalid (ACLs, lock table)
   bool zero_inline_tail = false;
   bool reset_data = false;       // files/symlinks: empty inline data
   bool rewrite_extents = false;
@@ -122,6 +124,7 @@ class Checker {
     bool partial = false;
   };
 
+  void CheckXattrValues(uint64_t ino, const InodeBlock& I, const xattr::Entries& list);
   void AddProblem(const std::string& kind, uint64_t block, uint64_t ino, std::string detail,
                   bool bitmap_only = false);
   Fix& FixOf(uint64_t ino) { return plan_.fixes[ino]; }

@@ -20,6 +20,7 @@
 #include "dir/dir.h"
 #include "fs/inode.h"
 #include "fs/super.h"
+#include "fs/xattr.h"
 #include "fsck/checker.h"
 #include "fsck/fsck_internal.h"
 #include "journal/journal.h"
@@ -470,6 +471,17 @@ Status Repairer::FixInode(uint64_t ino, const Fix& f) {
   if (f.rebuild_dir) {
     dir::InitEmpty(I);
     I->blocks = 1 + (I->xattr_block != 0 ? 1 : 0);
+  }
+  if (!f.drop_xattrs.empty()) {
+    auto l = xattr::List(*h, ino, *I);
+    if (!l.ok()) return l.status();
+    xattr::Entries kept;
+    for (auto& e : *l) {
+      if (std::find(f.drop_xattrs.begin(), f.drop_xattrs.end(), e.first) == f.drop_xattrs.end()) {
+        kept.push_back(std::move(e));
+      }
+    }
+    AGFS_RETURN_IF_ERROR(xattr::Store(*h, ino, I, kept));
   }
   return Status::Ok();
 }

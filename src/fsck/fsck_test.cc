@@ -19,6 +19,7 @@
 #include "device/fault_device.h"
 #include "device/mem_device.h"
 #include "dir/dir.h"
+#include "fs/acl.h"
 #include "fs/filesystem.h"
 #include "fs/super.h"
 #include "fs/test_mount_options.h"
@@ -358,6 +359,43 @@ TEST_F(FsckTest, WrongLinkCountsAndParent) {
   ASSERT_TRUE(fs);
   EXPECT_EQ(fs->GetAttr(t.big)->nlink, 1u);
   EXPECT_EQ(fs->GetAttr(t.dir)->nlink, 3u);
+}
+
+// A value the filesystem interprets but cannot decode (here an ACL with a bad version)
+// is reported and dropped; the other xattrs stay.
+TEST_F(FsckTest, InvalidAclValueIsDropped) {
+  uint64_t ino = 0;
+  {
+    auto fs = MountFs();
+    ASSERT_TRUE(fs);
+    Caller c;
+    auto f = fs->Mknod(c, fs->root_ino(), "acl", S_IFREG | 0640, 0);
+    ASSERT_TRUE(f.ok());
+    ino = f->ino;
+    acl::Acl a = {{acl::kUserObj, 6, acl::kUndefinedId}, {acl::kUser, 4, 1000},
+                  {acl::kGroupObj, 4, acl::kUndefinedId}, {acl::kMask, 4, acl::kUndefinedId},
+                  {acl::kOther, 0, acl::kUndefinedId}};
+    ASSERT_TRUE(fs->SetXattr(c, ino, "user.keep", "kept", 0).ok());
+    ASSERT_TRUE(fs->SetXattr(c, ino, acl::kAccessName, acl::Encode(a), 0).ok());
+    ASSERT_TRUE(fs->Unmount().ok());
+  }
+  EXPECT_EQ(Check().ExitCode(), 0);
+  EditBlk<InodeBlock>(ino, [](InodeBlock* i) {
+    std::string_view area(reinterpret_cast<const char*>(i->xattr), kInodeXattrSize);
+    size_t at = area.find(acl::kAccessName);
+    ASSERT_NE(at, std::string_view::npos);
+    i->xattr[at + acl::kAccessName.size()] = 3;  // the value's version byte
+  });
+  FsckReport r = Check();
+  EXPECT_TRUE(Has(r, "bad-xattr-value", ino)) << r.ToText();
+  EXPECT_EQ(r.problems.size(), 1u) << r.ToText();
+  RepairAndVerify();
+  auto fs = MountFs();
+  ASSERT_TRUE(fs);
+  Caller c;
+  EXPECT_TRUE(fs->GetXattr(c, ino, acl::kAccessName).status().Is(Code::kNoData));
+  EXPECT_EQ(*fs->GetXattr(c, ino, "user.keep"), "kept");
+  EXPECT_EQ(fs->GetAttr(ino)->mode & 0777, 0640u);  // the mode the ACL had set stays
 }
 
 TEST_F(FsckTest, WrittenDataPastEofIsTrimmed) {
