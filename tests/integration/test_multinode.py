@@ -32,8 +32,8 @@ CRASH_ROUNDS = int(os.environ.get("AGORAFS_MULTINODE_CRASH_ROUNDS", "10"))
 class MountRig:
     """One image, `count` node seats; seat i mounts at <scratch>/mnt<i>."""
 
-    def __init__(self, count, via_nbd, size="256M"):
-        self.scratch = agfs.Scratch(size=size, nodes=8, profile="fast")
+    def __init__(self, count, via_nbd, size="256M", slots=8):
+        self.scratch = agfs.Scratch(size=size, nodes=slots, profile="fast")
         self.via_nbd = via_nbd
         self.count = count
         self.servers, self.namespaces = [], []
@@ -161,14 +161,14 @@ except OSError:
 class MultiNodeCases:
     via_nbd = False
 
-    def rig(self, count=3):
+    def rig(self, count=3, slots=8):
         if self.via_nbd:
             if not nbdnet.have_nbdkit():
                 self.skipTest("nbdkit not installed")
             ok, why = nbdnet.netns_available()
             if not ok:
                 self.skipTest(f"network namespaces unavailable: {why}")
-        r = MountRig(count, self.via_nbd)
+        r = MountRig(count, self.via_nbd, slots=slots)
         self.addCleanup(r.close)
         return r
 
@@ -603,12 +603,32 @@ class MultiNodeCases:
             r.unmount(i)
         self.assert_fsck_clean(r)
 
+    def test_node_in_a_freed_slot_sees_what_changed_while_it_was_away(self):
+        r = self.rig(count=2, slots=2)
+        a, b = r.mount(0), r.mount(1)
+        write(os.path.join(a, "f"), b"one")
+        self.assertEqual(read(os.path.join(b, "f")), b"one")
+        self.assertEqual(os.listdir(b), ["f"])
+        for k in range(3):
+            r.unmount(1)
+            write(os.path.join(a, "f"), f"version {k}".encode())
+            os.mkdir(os.path.join(a, f"d{k}"))
+            b = r.mount(1)  # two slots: the one it just left
+            self.assertEqual(read(os.path.join(b, "f")), f"version {k}".encode())
+            self.assertEqual(sorted(os.listdir(b)), sorted(["f"] + [f"d{j}" for j in range(k + 1)]))
+        r.unmount(0)
+        r.unmount(1)
+        self.assert_fsck_clean(r)
+
     def test_mount_unmount_churn_while_two_nodes_work(self):
-        r = self.rig()
+        # Three slots: the churning node always takes the slot it just left, within the
+        # same lock epoch (see LockService.NextOccupantOfASlotIgnoresItsPredecessorsGrants).
+        r = self.rig(slots=3)
         a, b = r.mount(0), r.mount(1)
         stop = threading.Event()
         errors = []
         counts = [0, 0]
+        done = [-1, -1]  # newest file each worker has written and read back
 
         def worker(i, mp):
             try:
@@ -620,6 +640,7 @@ class MultiNodeCases:
                     write(p, data)
                     if read(p) != data:
                         errors.append(f"node {i} read back something else in {p}")
+                    done[i] = n
                     if n >= 10:
                         os.unlink(os.path.join(mp, f"work{i}", f"f{n - 10}"))
                     n += 1
@@ -636,6 +657,12 @@ class MultiNodeCases:
                 names = os.listdir(c)
                 self.assertIn("work0", names)
                 self.assertIn("work1", names)
+                # The new node sees each worker at least as far as it had got before
+                # the listing began.
+                for i in range(2):
+                    before = done[i]
+                    got = [int(n[1:]) for n in os.listdir(os.path.join(c, f"work{i}"))]
+                    self.assertGreaterEqual(max(got, default=-1), before, (k, i, sorted(got)))
                 r.unmount(2)
         finally:
             stop.set()
