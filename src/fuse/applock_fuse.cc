@@ -98,6 +98,13 @@ void AppLockServer::SetLk(fuse_req_t req, uint64_t ino, fuse_file_info* fi, stru
   if (!FromFlock(*lock, &want)) return (void)fuse_reply_err(req, EINVAL);
   want.owner = fi->lock_owner;
   if (want.pid == 0) want.pid = static_cast<uint32_t>(fuse_req_ctx(req)->pid);
+  if (want.type != AppLockType::kUnlock && fi->fh != 0) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto& owners = fh_owners_[fi->fh];
+    if (std::find(owners.begin(), owners.end(), want.owner) == owners.end()) {
+      owners.push_back(want.owner);
+    }
+  }
   Set(req, ino, want, sleep);
 }
 
@@ -153,15 +160,38 @@ void AppLockServer::OnInterrupt(fuse_req_t req, void* data) {
 }
 
 Status AppLockServer::Flush(uint64_t ino, fuse_file_info* fi) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = fh_owners_.find(fi->fh);
+    if (it != fh_owners_.end()) std::erase(it->second, fi->lock_owner);
+  }
   Status st = fs_->ReleaseLocks(ino, AppLockKind::kPosix, fi->lock_owner);
   Kick();
   return st;
 }
 
 Status AppLockServer::Release(uint64_t ino, fuse_file_info* fi) {
-  if (!fi || !fi->flock_release) return Status::Ok();
-  Status st = fs_->ReleaseLocks(ino, AppLockKind::kFlock, fi->lock_owner);
-  Kick();
+  if (!fi) return Status::Ok();
+  std::vector<uint64_t> owners;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = fh_owners_.find(fi->fh);
+    if (it != fh_owners_.end()) {
+      owners = std::move(it->second);
+      fh_owners_.erase(it);
+    }
+  }
+  Status st;
+  // The description's OFD locks (see the header).
+  for (uint64_t o : owners) {
+    Status s = fs_->ReleaseLocks(ino, AppLockKind::kPosix, o);
+    if (st.ok()) st = s;
+  }
+  if (fi->flock_release) {
+    Status s = fs_->ReleaseLocks(ino, AppLockKind::kFlock, fi->lock_owner);
+    if (st.ok()) st = s;
+  }
+  if (!owners.empty() || fi->flock_release) Kick();
   return st;
 }
 

@@ -14,6 +14,11 @@
 //   pending wait before the session ends. Only the waiter thread answers queued
 //   requests, so each gets exactly one reply; a wait granted while its interrupt
 //   arrives is answered with success (the lock is held).
+// - Open file description locks (F_OFD_SETLK): FUSE names neither them nor their
+//   owner at close, so every owner that set a POSIX lock through an open file (fi->fh,
+//   unique per open) is remembered with it, minus the owners a flush of that file
+//   dropped (process owners: their locks go at every close); at release the rest
+//   (the description's own owner) lose their locks.
 // - No deadlock detection across nodes (no EDEADLK).
 // Thread-safety: all methods may be called from any FUSE worker thread.
 #pragma once
@@ -24,6 +29,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "fs/filesystem.h"
 
@@ -71,6 +78,8 @@ class AppLockServer {
   bool kicked_ = false;                     // GUARDED_BY(mu_): a local unlock happened
   bool interrupted_ = false;                // GUARDED_BY(mu_): some wait was interrupted
   bool stop_ = false;                       // GUARDED_BY(mu_)
+  // fi->fh -> owners that set POSIX locks through that open file and were not flushed.
+  std::unordered_map<uint64_t, std::vector<uint64_t>> fh_owners_;  // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

@@ -42,6 +42,9 @@ struct Ctx {
   std::atomic<bool> entries_cached{false};
   // Application locks (flock, fcntl): applock_fuse.h.
   AppLockServer* locks = nullptr;
+  // fi->fh of the next open file: names the open file description (AppLockServer
+  // drops its OFD locks at release).
+  std::atomic<uint64_t> next_fh{1};
 };
 
 // FUSE_NOTIFY_INC_EPOCH (Linux 6.16, protocol 7.44), not in libfuse 3.14 nor in
@@ -318,7 +321,7 @@ void SetOpenFlags(fuse_req_t req, fuse_file_info* fi) {
   // requests, and each would be appended on its own, possibly after another node's
   // record. Direct I/O sends each write of up to max_write (1 MiB) as one request.
   if (fi->flags & O_APPEND) fi->direct_io = 1;
-  (void)req;
+  fi->fh = C(req)->next_fh.fetch_add(1, std::memory_order_relaxed);
 }
 
 void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {

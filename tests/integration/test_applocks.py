@@ -11,7 +11,8 @@ that returns only after the holder on another node unlocks; byte ranges (a write
 on [0,100) on A lets B lock [100,200) but not [50,60)); F_GETLK type/start/len (pid 0
 for a holder on another node, the real pid on the same node); a signal interrupts a
 blocking F_SETLKW with EINTR; more blocked waiters than the daemon has FUSE worker
-threads do not stall the node; killing the holder process frees its locks; kill -9 of
+threads do not stall the node; an OFD lock goes when its open file description closes
+(not at another close of the same process); killing the holder process frees its locks; kill -9 of
 the holder's node (the daemon) frees its locks once the node is recovered, and the
 blocked waiters on the other nodes then get them. Timeouts are generous; nothing
 asserts speed."""
@@ -46,15 +47,22 @@ for line in sys.stdin:
         elif c[0] == "close":
             os.close(fd)
             out = "ok"
+        elif c[0] == "open2":  # a second open file description, closed with close2
+            fd2 = os.open(c[1], os.O_RDWR)
+            out = "ok"
+        elif c[0] == "close2":
+            os.close(fd2)
+            out = "ok"
         elif c[0] == "flock":
             op = {"ex": fcntl.LOCK_EX, "sh": fcntl.LOCK_SH, "un": fcntl.LOCK_UN}[c[1]]
             if len(c) > 2 and c[2] == "nb":
                 op |= fcntl.LOCK_NB
             fcntl.flock(fd, op)
             out = "ok"
-        elif c[0] in ("setlk", "setlkw", "getlk"):
+        elif c[0] in ("setlk", "setlkw", "getlk", "ofdsetlk", "ofdsetlkw"):
             t = {"r": fcntl.F_RDLCK, "w": fcntl.F_WRLCK, "u": fcntl.F_UNLCK}[c[1]]
-            cmd = {"setlk": fcntl.F_SETLK, "setlkw": fcntl.F_SETLKW, "getlk": fcntl.F_GETLK}[c[0]]
+            cmd = {"setlk": fcntl.F_SETLK, "setlkw": fcntl.F_SETLKW, "getlk": fcntl.F_GETLK,
+                   "ofdsetlk": fcntl.F_OFD_SETLK, "ofdsetlkw": fcntl.F_OFD_SETLKW}[c[0]]
             res = fcntl.fcntl(fd, cmd, struct.pack(FL, t, os.SEEK_SET, int(c[2]), int(c[3]), 0))
             if c[0] == "getlk":
                 t, _, start, length, pid = struct.unpack(FL, res)
@@ -284,6 +292,32 @@ class AppLockCases:
         for x in (b, c):
             x.kill()
         for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_ofd_locks_go_with_their_open_file_not_with_the_process(self):
+        r = self.rig(count=2)
+        a, b = self.agent(0), self.agent(1)
+        path = os.path.join(self.mps[0], "lockfile")
+        self.assertEqual(a.do("ofdsetlk w 0 10"), "ok")
+        self.assertEqual(a.do("setlk w 20 10"), "ok")  # a process (classic POSIX) lock
+        self.assertEqual(b.do("setlk w 0 10"), "err EAGAIN")
+        # Closing another descriptor of the same process drops its process locks
+        # (POSIX), but not the lock of the still open description.
+        self.assertEqual(a.do(f"open2 {path}"), "ok")
+        self.assertEqual(a.do("close2"), "ok")
+        b.send("setlkw w 20 10")
+        self.assertEqual(b.reply(), "ok")
+        self.assertEqual(b.do("setlk w 0 10"), "err EAGAIN")
+        self.assertTrue(b.no_reply_for(0.1))
+        # Closing the description frees its OFD lock on every node.
+        b.send("setlkw w 0 10")
+        self.assertTrue(b.no_reply_for(2), "B got the range while A's description was open")
+        self.assertEqual(a.do("close"), "ok")
+        self.assertEqual(b.reply(), "ok")
+        for x in (a, b):
+            x.kill()
+        for i in range(2):
             r.unmount(i)
         self.assert_fsck_clean(r)
 
