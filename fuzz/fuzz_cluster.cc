@@ -160,7 +160,7 @@ void Seeds(const std::string& dir) {
     msgs[i].dest = 1;
     msgs[i].op = uint8_t(1 + i % 4);
     msgs[i].mode = uint8_t(1 + i % 2);
-    msgs[i].arg = uint32_t(i);
+    msgs[i].dest_gen = uint32_t(i);
   }
   (void)mb.Append(msgs);
   MailHeader mh;
