@@ -82,7 +82,10 @@ Status AclChmod(MetaTxn& h, uint64_t ino, InodeBlock* I) {
   for (auto& e : list) {
     if (e.first != acl::kAccessName) continue;
     auto ar = acl::Decode(e.second);
-    if (!ar.ok()) return Err(Code::kCorruption, "inode " + std::to_string(ino) + ": stored access ACL: " + ar.status().ToString());
+    if (!ar.ok()) {
+      return Err(Code::kCorruption, "inode " + std::to_string(ino) +
+                                        ": stored access ACL: " + ar.status().ToString());
+    }
     acl::Acl a = std::move(ar).value();
     acl::Chmod(&a, I->mode);
     e.second = acl::Encode(a);

@@ -357,12 +357,11 @@ void Checker::CheckXattrs(uint64_t ino, const InodeBlock& I, Ino& in) {
                            il.status().message()));
     FixOf(ino).clear_inline_xattr = true;
   }
-  if (I.xattr_block == 0) {
-    if (il.ok()) CheckXattrValues(ino, I, *il);
-    return;
-  }
+  if (il.ok()) CheckXattrValues(ino, I, *il);
+  if (I.xattr_block == 0) return;
   const uint64_t xb = I.xattr_block;
   std::string why;
+  xattr::Entries block_entries;
   if (!ValidBlock(xb)) {
     why = fmt::format("block {} is not in the data area", xb);
   } else {
@@ -381,14 +380,12 @@ void Checker::CheckXattrs(uint64_t ino, const InodeBlock& I, Ino& in) {
                                OwnName(own_[xb])));
         why = "block used twice";
       }
+      block_entries = std::move(bl).value();
     }
   }
   if (why.empty()) {
     in.xattr_kept = true;
-    if (il.ok()) {
-      auto all = xattr::List(txn_, ino, I);
-      if (all.ok()) CheckXattrValues(ino, I, *all);
-    }
+    CheckXattrValues(ino, I, block_entries);
     return;
   }
   AddProblem("bad-xattr", xb, ino,
