@@ -2,17 +2,18 @@
 // and replay never decode: `agorafs status` (ReadClusterStatus: every slot's
 // heartbeat block with its verdict table, the Disk Paxos blocks, the master's peer
 // view and lock snapshot, the mail headers; then StatusJson/StatusText), the message
-// rings and single-block records of Mailbox (Read, ReadMailHeader, ReadAck) and Disk
+// rings and single-block records of Mailbox (Read, ReadMailHeader, ReadAck), the
+// open-file tables (ReadOpenTable) and Disk
 // Paxos (the constructor's load of its own block, ReadDecided, and a bounded Propose
 // against the damaged blocks of the other slots).
 //
-// Input: a flag byte, the generation a reader expects (u64: ring reads, the Paxos
-// proposer's own generation), a ring reader's next seq (u64), a Paxos epoch (u64),
+// Input: a flag byte, the generation a reader expects (u64: ring reads, open-file
+// tables, the Paxos proposer's own generation), a ring reader's next seq (u64), a Paxos epoch (u64),
 // then up to 8 records: slot (u8, modulo node_slots), index in the slot's region (u8,
 // modulo slot_blocks), and up to 4096 bytes of block (zero-padded).
 //   bit 0: give each placed block a valid header for its address, the type its
 //          index holds (heartbeat, mail header, Paxos, ack table, snapshot, peer view,
-//          ring) and a valid checksum, so that the payload checks are reached.
+//          ring, open-file table) and a valid checksum, so that the payload checks are reached.
 //   bit 1: start from the `crashed` image (its node died mounted) instead of `clean`.
 //   bit 2: the heartbeats beat: the second read of a heartbeat block that verifies
 //          returns it with the counter advanced, so that status takes its nodes for
@@ -31,6 +32,7 @@
 #include "cluster/mailbox.h"
 #include "cluster/paxos.h"
 #include "cluster/status.h"
+#include "fs/open_table.h"
 #include "fuzz/fuzz_common.h"
 
 namespace agorafs::fuzz {
@@ -47,6 +49,7 @@ BlockType TypeAt(uint32_t index) {
   if (index < kSlotSnapshot) return BlockType::kAckTable;
   if (index < kSlotPeerView) return BlockType::kLockSnapshot;
   if (index == kSlotPeerView) return BlockType::kPeerView;
+  if (index >= kSlotOpen) return BlockType::kOpenTable;
   return BlockType::kRing;
 }
 
@@ -273,6 +276,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     uint64_t n = next;
     auto r = mb.Read(s, gen, &n);
     if (r.ok() && !r->empty()) (void)mb.Read(s, gen, &n);  // resumed where it stopped
+    // The open-file table, as a node deciding whether to free an orphan reads it.
+    std::vector<uint64_t> inos;
+    (void)ReadOpenTable(&overlay, g, im.uuid, s, gen, &inos);
   }
 
   // Disk Paxos: load, read the decision, and one bounded proposal. The proposal gives

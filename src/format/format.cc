@@ -30,6 +30,7 @@ const char* BlockTypeName(BlockType t) {
     case BlockType::kLockSnapshot: return "lock snapshot";
     case BlockType::kRing: return "message ring";
     case BlockType::kPeerView: return "peer view";
+    case BlockType::kOpenTable: return "open-file table";
   }
   return "unknown";
 }

@@ -31,7 +31,7 @@ static_assert(std::endian::native == std::endian::little,
 inline constexpr uint32_t kBlockSize = 4096;
 inline constexpr uint32_t kBlockShift = 12;
 inline constexpr uint32_t kMagic = 0x53464741;  // "AGFS"
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 2;  // 2: open-file tables in the node slots
 inline constexpr uint32_t kMaxNameLen = 255;
 inline constexpr uint32_t kMinNodeSlots = 1;
 inline constexpr uint32_t kMaxNodeSlots = 1024;
@@ -60,6 +60,7 @@ enum class BlockType : uint16_t {
   kLockSnapshot = 17,  // cluster: the lock master's published lock table
   kRing = 18,          // cluster: one block of a node's outgoing message ring
   kPeerView = 19,      // cluster: the lock master's view of every slot
+  kOpenTable = 20,     // the inodes a node has open (files deleted elsewhere stay)
 };
 const char* BlockTypeName(BlockType t);
 
@@ -151,9 +152,13 @@ inline constexpr uint32_t kSlotAckBlocks = 5;
 inline constexpr uint32_t kSlotSnapshot = 11;  // LockSnapshotBlock x kSlotSnapshotBlocks
 inline constexpr uint32_t kSlotSnapshotBlocks = 8;
 inline constexpr uint32_t kSlotPeerView = 19;  // PeerViewBlock (lock master only)
-inline constexpr uint32_t kSlotRing = 20;      // RingBlock x (slot_blocks - kSlotRing)
-inline constexpr uint32_t kDefaultSlotBlocks = 64;
-inline constexpr uint32_t kSlotRingBlocks = kDefaultSlotBlocks - kSlotRing;
+inline constexpr uint32_t kSlotRing = 20;      // RingBlock x kSlotRingBlocks
+inline constexpr uint32_t kSlotRingBlocks = 44;
+inline constexpr uint32_t kSlotOpen = 64;      // OpenTableBlock x kSlotOpenBlocks
+inline constexpr uint32_t kSlotOpenBlocks = 8;
+inline constexpr uint32_t kDefaultSlotBlocks = 72;
+static_assert(kSlotRing + kSlotRingBlocks == kSlotOpen);
+static_assert(kSlotOpen + kSlotOpenBlocks == kDefaultSlotBlocks);
 
 enum SlotState : uint32_t {
   kSlotFree = 0,     // never used, cleanly released, or recovered by the lock master
@@ -343,6 +348,24 @@ struct __attribute__((packed)) OrphanBlock {
   uint64_t ino[kOrphansPerBlock];
 };
 static_assert(sizeof(OrphanBlock) == kBlockSize);
+
+// Open-file table: the inodes the slot's node had open when it last let the
+// filesystem lock go. Not journaled; rewritten whole (only the blocks in use) by the
+// owner. A table whose generation is not the slot's current one lists nothing.
+inline constexpr size_t kOpenInosPerBlock = (kPayload - 32) / 8;
+inline constexpr uint32_t kOpenTableOverflow = 1;  // more open than fit: assume any
+struct __attribute__((packed)) OpenTableBlock {
+  BlockHeader hdr;
+  uint64_t generation;   // the owner's slot generation
+  uint64_t publication;  // +1 at every rewrite; every block of one table carries it
+  uint32_t total;        // inodes in the whole table; blocks in use: at least 1,
+                         // ceil(total / kOpenInosPerBlock)
+  uint32_t flags;        // kOpenTableOverflow
+  uint32_t count;        // inodes in this block
+  uint32_t pad;
+  uint64_t ino[kOpenInosPerBlock];
+};
+static_assert(sizeof(OpenTableBlock) == kBlockSize);
 
 // ---------------------------------------------------------------------------------
 // Journal, one per slot. Blocks 0 and 1 are two copies of the header (the valid one

@@ -149,6 +149,11 @@ Filesystem::Gate::~Gate() {
 
 // Runs on the lock service's worker thread once no gate is open on this node.
 Status Filesystem::OnRevoke(LockMode to) {
+  revokes_++;
+  // Whoever gets the lock next must see what is open here. Not fatal when it fails:
+  // another node may then free a file open here, which this node answers with ESTALE.
+  Status pub = PublishOpens();
+  if (!pub.ok()) spdlog::error("{}", pub.ToString());
   if (to == LockMode::kNone) {
     // From here on, attributes read before are no longer promised current; the hook
     // takes back what the kernel caches.
@@ -331,6 +336,8 @@ Status Filesystem::Unmount() {
     Gate gate(this, LockMode::kExclusive);
     if (st.ok()) st = gate.status();
     if (st.ok()) st = FreeOrphans(info_.slot, false);
+    // Nothing is open here any more: nobody may pass an orphan on to this slot.
+    if (st.ok()) st = PublishOpens(true);
     if (st.ok()) st = store_->Sync();
   }
   store_->Stop();
@@ -356,6 +363,7 @@ Status Filesystem::RecoverSlot(uint32_t slot) {
   std::lock_guard<std::mutex> g(info_mu_);
   info_.replayed_transactions += r->transactions;
   info_.recoveries++;
+  recovered_++;  // its open-file table no longer counts once its slot is freed
   janitor_work_++;
   janitor_cv_.notify_all();
   spdlog::warn("node slot {} died: replayed {} transactions of its journal", slot,
@@ -391,12 +399,15 @@ void Filesystem::AddRef(uint64_t ino, uint64_t generation, uint64_t n) {
   if (generation != 0) r.generation = generation;
 }
 
-bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens) {
+bool Filesystem::DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens, bool* closed) {
   std::lock_guard<std::mutex> g(states_mu_);
   auto it = refs_.find(ino);
   if (it == refs_.end()) return true;
   Refs& r = it->second;
   r.lookups -= std::min(r.lookups, lookups);
+  const bool last_open = opens > 0 && r.opens > 0 && r.opens <= opens;
+  if (closed) *closed = last_open;
+  if (last_open) open_inos_.erase(ino);
   r.opens -= std::min(r.opens, opens);
   if (r.lookups == 0 && r.opens == 0) {
     refs_.erase(it);
@@ -461,18 +472,22 @@ Status Filesystem::Open(uint64_t ino, int, const Caller&) {
   AGFS_RETURN_IF_ERROR(gate.status());
   AGFS_RETURN_IF_ERROR(CheckKnown(ino));
   std::lock_guard<std::mutex> g(states_mu_);
-  refs_[ino].opens++;
+  if (refs_[ino].opens++ == 0) open_inos_.insert(ino);
   return Status::Ok();
 }
 
 void Filesystem::Release(uint64_t ino) {
-  if (DropRefs(ino, 0, 1)) MaybeFreeOrphan(ino);
+  bool closed = false;
+  bool gone = DropRefs(ino, 0, 1, &closed);
+  // Another node may have deleted it meanwhile and left it on our orphan list.
+  if (closed && WasPublished(ino)) RequestSweep();
+  if (gone) MaybeFreeOrphan(ino);
 }
 
-Status Filesystem::AddOrphan(MetaTxn& h, uint64_t ino) {
+Status Filesystem::AddOrphan(MetaTxn& h, uint32_t slot, uint64_t ino) {
   for (uint32_t i = 0; i < kSlotOrphanBlocks; i++) {
-    uint64_t blk = g_.SlotBlock(info_.slot, kSlotOrphan + i);
-    LockId lock = MakeLockId(LockKind::kSlot, info_.slot);
+    uint64_t blk = g_.SlotBlock(slot, kSlotOrphan + i);
+    LockId lock = MakeLockId(LockKind::kSlot, slot);
     auto r = h.WriteAs<OrphanBlock>(blk, BlockType::kOrphan, lock);
     if (!r.ok()) {
       // A damaged block is never written: use the other one (fsck rewrites it).
@@ -565,13 +580,15 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   if (Referenced(ino)) return;
   // Only the node whose list holds the orphan frees it: another node forgetting an
   // inode someone else deleted must leave it to that node (which may still use it).
-  auto mine = OrphansOf(info_.slot);
-  if (!mine.ok() || std::find(mine->begin(), mine->end(), ino) == mine->end()) return;
-  auto st = State(ino);
-  std::unique_lock<std::shared_mutex> io(st->io);
-  Status s = FreeInode(info_.slot, ino);
-  io.unlock();
-  if (!s.ok()) spdlog::error("freeing orphan inode {}: {}", ino, s.ToString());
+  // DisposeOrphan checks that it is on our list, and passes it on to a node that
+  // still has it open.
+  auto r = DisposeOrphan(info_.slot, ino);
+  if (!r.ok()) {
+    spdlog::error("freeing orphan inode {}: {}", ino, r.status().ToString());
+  } else if (*r) {
+    std::lock_guard<std::mutex> g(info_mu_);
+    info_.orphans_freed++;
+  }
 }
 
 Result<std::vector<uint64_t>> Filesystem::OrphansOf(uint32_t slot) {
@@ -615,8 +632,10 @@ Status Filesystem::FreeOrphans(uint32_t slot, bool only_unreferenced) {
         continue;
       }
     }
-    AGFS_RETURN_IF_ERROR(FreeInode(slot, ino));
-    freed++;
+    // Open on another node: it goes onto that node's list instead.
+    auto r = DisposeOrphan(slot, ino);
+    if (!r.ok()) return r.status();
+    if (*r) freed++;
   }
   std::lock_guard<std::mutex> g(info_mu_);
   info_.orphans_freed += freed;
@@ -657,13 +676,18 @@ Status Filesystem::AdoptOrphans() {
 void Filesystem::JanitorLoop() {
   std::unique_lock<std::mutex> lk(info_mu_);
   for (;;) {
-    janitor_cv_.wait(lk, [&] { return janitor_stop_ || janitor_work_ > 0; });
+    janitor_cv_.wait(lk, [&] { return janitor_stop_ || janitor_work_ > 0 || janitor_sweep_; });
     if (janitor_stop_) return;
+    bool adopt = janitor_work_ > 0;
     janitor_work_ = 0;
+    janitor_sweep_ = false;
     lk.unlock();
-    // The gate waits until the master reopened grants, i.e. the slot is recovered.
-    Status st = AdoptOrphans();
-    if (!st.ok()) spdlog::error("adopting orphans of a recovered node: {}", st.ToString());
+    if (adopt) {
+      // The gate waits until the master reopened grants, i.e. the slot is recovered.
+      Status st = AdoptOrphans();
+      if (!st.ok()) spdlog::error("adopting orphans of a recovered node: {}", st.ToString());
+    }
+    SweepOrphans();
     lk.lock();
   }
 }

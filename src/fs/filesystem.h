@@ -13,7 +13,11 @@
 // Kernel references: the FUSE adapter calls AddRef for every entry it hands to the
 // kernel and Forget for every forget; Open/Release count open files. An inode whose
 // link count drops to zero is put on this node's orphan list and freed when its last
-// reference goes (or at the next mount after a crash).
+// reference goes (or at the next mount after a crash). Open files count across nodes:
+// before the lock leaves, a node publishes the inodes it has open in its slot's
+// open-file table, and an orphan another node has open moves onto that node's orphan
+// list instead of being freed; that node frees it once it is closed there
+// (open_table.cc; docs/DESIGN.md "Orphans and open-unlinked files").
 //
 // Permission checks: the kernel checks mode bits (default_permissions); this class
 // checks what the kernel does not: ownership for chown/chmod/utimes in SetAttr,
@@ -55,6 +59,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <string_view>
@@ -151,6 +156,7 @@ struct FsInfo {
   uint64_t generation = 0;
   uint64_t replayed_transactions = 0;
   uint64_t orphans_freed = 0;
+  uint64_t orphans_handed_over = 0;  // deleted here, still open on another node
   uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
   uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
 };
@@ -324,6 +330,7 @@ class Filesystem {
 
   std::mutex states_mu_;
   std::unordered_map<uint64_t, Refs> refs_;                          // GUARDED_BY(states_mu_)
+  std::unordered_set<uint64_t> open_inos_;  // refs_ entries with opens > 0; GUARDED_BY(states_mu_)
   // Inodes marked attrs_cached, in marking order; entries whose refs_ entry is gone
   // or unmarked are skipped, and dropped when the list grows past twice refs_'
   // size. 8 bytes an inode instead of a second hash table.        GUARDED_BY(states_mu_)
@@ -347,13 +354,16 @@ class Filesystem {
   std::condition_variable janitor_cv_;
   bool janitor_stop_ = false;
   uint64_t janitor_work_ = 0;  // recoveries not yet followed by an adoption
+  bool janitor_sweep_ = false;  // a file this node had published as open was closed
   Status RecoverSlot(uint32_t slot);
   Status OnRevoke(LockMode to);
 
   // References and orphans (filesystem.cc).
-  bool DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens);  // true: no refs left
+  // true: no refs left. *closed (if given): the last open went.
+  bool DropRefs(uint64_t ino, uint64_t lookups, uint64_t opens, bool* closed = nullptr);
   bool Referenced(uint64_t ino);
-  Status AddOrphan(MetaTxn& h, uint64_t ino);
+  Status AddOrphan(MetaTxn& h, uint64_t ino) { return AddOrphan(h, info_.slot, ino); }
+  Status AddOrphan(MetaTxn& h, uint32_t slot, uint64_t ino);
   Status RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino);
   Status FreeInode(uint32_t orphan_slot, uint64_t ino);
   Status FreeOrphans(uint32_t slot, bool only_unreferenced);
@@ -362,6 +372,44 @@ class Filesystem {
   // onto this node's list and frees those not referenced here.
   Status AdoptOrphans();
   void JanitorLoop();
+
+  // Open-file tables and orphans open elsewhere (open_table.cc).
+  struct RemoteOpens {
+    std::unordered_map<uint64_t, uint32_t> where;  // inode -> a slot that has it open
+    std::vector<uint32_t> anywhere;  // slots whose table overflowed or is unreadable
+  };
+  std::vector<uint64_t> OpenHere();  // sorted
+  bool OpenLocally(uint64_t ino);
+  // Writes this node's open inodes to its table if they changed since the last
+  // publication (`leaving`: an empty table). Called before the lock leaves the node.
+  Status PublishOpens(bool leaving = false);
+  // True when the table on disk may list `ino` (then its close asks for a sweep).
+  bool WasPublished(uint64_t ino);
+  enum class SlotSeen { kFree, kMounted, kUnknown };
+  // From the slot's heartbeat block on disk; *generation set when it verifies.
+  Result<SlotSeen> ReadSlotState(uint32_t slot, uint64_t* generation);
+  Status LoadRemoteOpens(RemoteOpens* out);
+  // Exclusive gate: a slot of another node that may have `ino` open, or none.
+  Result<std::optional<uint32_t>> OpenElsewhere(uint64_t ino);
+  // Exclusive gate, no local opens: frees the orphan `ino` of `list_slot`'s list
+  // (true), or moves it onto the list of a node that has it open (false); false also
+  // when it is no longer an orphan there.
+  Result<bool> DisposeOrphan(uint32_t list_slot, uint64_t ino);
+  // Frees or passes on every orphan of this node's list that is not open here.
+  void SweepOrphans();
+  void RequestSweep();
+
+  std::mutex open_table_mu_;
+  std::vector<uint64_t> published_;  // sorted; GUARDED_BY(open_table_mu_)
+  bool published_overflow_ = false;  // GUARDED_BY(open_table_mu_)
+  bool published_valid_ = true;      // false after a failed write; GUARDED_BY(open_table_mu_)
+  uint64_t publication_ = 0;         // GUARDED_BY(open_table_mu_)
+  std::mutex remote_mu_;
+  RemoteOpens remote_;               // GUARDED_BY(remote_mu_)
+  bool remote_valid_ = false;        // GUARDED_BY(remote_mu_)
+  uint64_t remote_at_ = 0;           // revokes_ when remote_ was read; GUARDED_BY(remote_mu_)
+  std::atomic<uint64_t> revokes_{0};  // every OnRevoke, to shared or to none
+  std::atomic<uint64_t> recovered_{0};  // every RecoverSlot
 
   // Data (data.cc).
   // Unmaps every block at or past new_size, in bounded transactions; the inode is on

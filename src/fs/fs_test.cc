@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <map>
 #include <random>
@@ -56,11 +57,13 @@ class FsTest : public ::testing::Test {
   // Short cluster timings (a crashed node is dead after 0.5 s), no background commits.
   static MountOptions NodeOptions() { return FastTestMountOptions(); }
   // Another node on the same device: its own slot, journal and cache.
-  std::unique_ptr<Filesystem> MountSecondNode(bool background) {
+  std::unique_ptr<Filesystem> MountSecondNode(bool background, FaultDevice** dev = nullptr) {
     MountOptions o = NodeOptions();
     o.store.background = background;
     o.host = "second";
-    auto r = Filesystem::Mount(std::make_unique<FaultDevice>(mem_), o);
+    auto fault = std::make_unique<FaultDevice>(mem_);
+    if (dev) *dev = fault.get();
+    auto r = Filesystem::Mount(std::move(fault), o);
     EXPECT_TRUE(r.ok()) << r.status().ToString();
     return r.ok() ? std::move(r).value() : nullptr;
   }
@@ -635,6 +638,95 @@ TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
   uint64_t g2 = Create(Root(), "after");
   WriteAt(g2, 0, "alone");
   EXPECT_EQ(ReadAll(g2), "alone");
+}
+
+// A file deleted on one node stays readable and writable on a node that has it open
+// (it moves onto that node's orphan list), and its space comes back once that node
+// closes it.
+TEST_F(FsTest, FileDeletedOnOneNodeStaysUsableWhereItIsOpen) {
+  const std::string data(200000, 'a');
+  uint64_t f = Create(Root(), "shared");
+  WriteAt(f, 0, data);
+  auto b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  auto la = b->Lookup(b->root_ino(), "shared");
+  ASSERT_TRUE(la.ok()) << la.status().ToString();
+  b->AddRef(f, la->generation);
+  ASSERT_TRUE(b->Open(f, O_RDWR, caller_).ok());
+  const uint64_t free_before = fs_->StatFs()->bfree;  // A takes the lock back from B
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "shared").ok());
+  EXPECT_EQ(fs_->info().orphans_handed_over, 1u);
+  EXPECT_EQ(fs_->info().orphans_freed, 0u);
+
+  std::string got(data.size(), '\0');
+  auto r = b->Read(f, 0, got.size(), got.data());
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(got, data);
+  auto w = b->Write(caller_, f, data.size(), "tail", 4);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  auto at = b->GetAttr(f);
+  ASSERT_TRUE(at.ok()) << at.status().ToString();
+  EXPECT_EQ(at->nlink, 0u);
+  EXPECT_EQ(at->size, data.size() + 4);
+  EXPECT_TRUE(fs_->Lookup(Root(), "shared").status().Is(Code::kNotFound));
+  EXPECT_LE(fs_->StatFs()->bfree, free_before);
+
+  // The close on B asks its janitor to sweep its orphan list.
+  b->Release(f);
+  for (int i = 0; i < 500 && b->info().orphans_freed == 0; i++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(b->info().orphans_freed, 1u);
+  EXPECT_GT(fs_->StatFs()->bfree, free_before + 40);
+  b->Forget(f, 1);
+  ASSERT_TRUE(b->Unmount().ok());
+  b.reset();
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
+// The node holding a deleted file open crashes: the survivor recovers it, adopts the
+// orphan and frees it. A node that closed the file before the delete does not keep it.
+TEST_F(FsTest, FileOpenOnACrashedNodeIsFreedAfterRecovery) {
+  uint64_t kept = Create(Root(), "kept");
+  WriteAt(kept, 0, std::string(200000, 'k'));
+  uint64_t closed = Create(Root(), "closed");
+  WriteAt(closed, 0, std::string(200000, 'c'));
+  FaultDevice* bdev = nullptr;
+  auto b = MountSecondNode(false, &bdev);
+  ASSERT_TRUE(b);
+  for (uint64_t ino : {kept, closed}) {
+    b->AddRef(ino, 0);
+    ASSERT_TRUE(b->Open(ino, O_RDONLY, caller_).ok());
+  }
+  ASSERT_TRUE(fs_->SyncAll().ok());  // B publishes both as open
+  b->Release(closed);
+  ASSERT_TRUE(b->GetAttr(closed).ok());  // B has the lock again: its table is current
+  const uint64_t free_before = fs_->StatFs()->bfree;
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "closed").ok());
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "kept").ok());
+  EXPECT_EQ(fs_->info().orphans_freed, 1u);  // "closed" at once
+  EXPECT_EQ(fs_->info().orphans_handed_over, 1u);
+  EXPECT_GT(fs_->StatFs()->bfree, free_before + 40);
+  const uint64_t free_mid = fs_->StatFs()->bfree;
+
+  bdev->SetGone(true);  // B crashes with "kept" open
+  (void)b->Unmount();
+  b.reset();
+  for (int i = 0; i < 1000 && fs_->info().orphans_freed < 2; i++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(fs_->info().recoveries, 1u);
+  EXPECT_EQ(fs_->info().orphans_freed, 2u);
+  EXPECT_GT(fs_->StatFs()->bfree, free_mid + 40);
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
 }
 
 // Kernel attribute caching: attributes carry the lock epoch they were read under; the

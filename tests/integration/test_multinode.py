@@ -386,6 +386,74 @@ class MultiNodeCases:
             r.unmount(i)
         self.assert_fsck_clean(r)
 
+    def test_open_delete(self):
+        # ocfs2-test's open_delete: a file deleted on one node stays readable and
+        # writable on the nodes that have it open; its space comes back once the last
+        # of them closed it, also when that node is killed with the file open.
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+        size = 8 << 20
+        data = os.urandom(size)
+        for name in ("f", "g"):
+            write(os.path.join(mps[0], name), data)
+
+        def free_bytes():
+            st = os.statvfs(mps[0])
+            return st.f_bfree * st.f_frsize
+
+        def wait_freed(at_least, timeout):
+            deadline = time.time() + timeout
+            while free_bytes() < at_least and time.time() < deadline:
+                time.sleep(0.1)
+            return free_bytes()
+
+        fb = open(os.path.join(mps[1], "f"), "r+b", buffering=0)
+        fc = open(os.path.join(mps[2], "f"), "rb", buffering=0)
+        gc = open(os.path.join(mps[2], "g"), "rb", buffering=0)
+
+        def close_all():
+            for f in (fb, fc, gc):
+                try:
+                    f.close()
+                except OSError:
+                    pass  # the mount of a killed node
+        self.addCleanup(close_all)
+        before = free_bytes()
+        os.unlink(os.path.join(mps[0], "f"))
+        os.unlink(os.path.join(mps[0], "g"))
+        for k in range(3):
+            self.assertEqual(sorted(os.listdir(mps[k])), [], f"node {k}")
+        self.assertEqual(os.fstat(fb.fileno()).st_nlink, 0)
+        self.assertEqual(fc.read(), data)
+        fb.seek(size)
+        fb.write(b"written on B after the delete")
+        os.fsync(fb.fileno())
+        fc.seek(size)
+        self.assertEqual(fc.read(), b"written on B after the delete")
+        fb.seek(0)
+        self.assertEqual(fb.read(size), data)
+        self.assertLess(free_bytes(), before + size // 2, "freed while open on B and C")
+
+        fb.close()  # still open on C
+        time.sleep(1)
+        self.assertLess(free_bytes(), before + size // 2, "freed while still open on C")
+        self.assertEqual(fc.read(), b"")
+        fc.seek(0)
+        self.assertEqual(fc.read(size), data)
+        fc.close()
+        self.assertGreaterEqual(wait_freed(before + size, 10), before + size,
+                                "f not freed after its last close")
+
+        # C dies with g open: once C is recovered, a survivor frees g.
+        self.assertEqual(gc.read(4096), data[:4096])
+        r.kill9(2)
+        close_all()
+        self.assertGreaterEqual(wait_freed(before + 2 * size, 60), before + 2 * size,
+                                "g not freed after the node that had it open died")
+        for i in range(2):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
     def test_o_append_records_from_three_nodes_all_land_whole(self):
         r = self.rig()
         mps = [r.mount(i) for i in range(3)]
