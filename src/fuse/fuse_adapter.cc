@@ -349,6 +349,13 @@ void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
               fuse_file_info* fi) {
   Filesystem* fs = F(req);
   auto r = fs->Mknod(CallerOf(req, true), ToFs(req, parent), name, S_IFREG | (mode & 07777), 0);
+  if (r.status().Is(Code::kExists) && !(fi->flags & O_EXCL)) {
+    // Another node created the name after this kernel looked it up. ESTALE makes the
+    // kernel redo the open once with a fresh lookup (do_filp_open's LOOKUP_REVAL
+    // retry), which then opens the existing file with the kernel's own permission
+    // and O_TRUNC handling; EEXIST would reach the caller of open(O_CREAT).
+    return (void)fuse_reply_err(req, ESTALE);
+  }
   if (!r.ok()) return ReplyErr(req, r.status());
   Status st = fs->Open(r->ino, fi->flags, CallerOf(req));
   if (!st.ok()) return ReplyErr(req, st);

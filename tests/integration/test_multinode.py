@@ -454,6 +454,45 @@ class MultiNodeCases:
             r.unmount(i)
         self.assert_fsck_clean(r)
 
+    def test_open_o_creat_of_one_new_name_on_three_nodes_at_once(self):
+        # open(O_CREAT) without O_EXCL never fails with EEXIST, also when another node
+        # creates the name between this kernel's lookup and its create. Two barriers a
+        # round: nobody creates before every node has looked the name up.
+        r = self.rig()
+        mps = [r.mount(i) for i in range(3)]
+        rounds = 60
+        barrier = threading.Barrier(3)
+        errors, inos = [], [[None] * rounds for _ in range(3)]
+
+        def opener(i):
+            for k in range(rounds):
+                # Each kernel first learns that the name does not exist (a negative
+                # entry, cached while the nodes share the lock), so that the create
+                # races the other nodes' creates.
+                barrier.wait()
+                self.assertFalse(os.path.exists(os.path.join(mps[i], f"n{k}")))
+                barrier.wait()
+                try:
+                    fd = os.open(os.path.join(mps[i], f"n{k}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                    inos[i][k] = os.fstat(fd).st_ino
+                    os.write(fd, b"%d\n" % i)
+                    os.close(fd)
+                except OSError as e:
+                    errors.append(f"node {i} round {k}: {e!r}")
+
+        ts = [threading.Thread(target=opener, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        self.assertEqual(errors, [])
+        for k in range(rounds):
+            self.assertEqual(len({inos[i][k] for i in range(3)}), 1, f"round {k}: {inos}")
+            self.assertEqual(sorted(read(os.path.join(mps[0], f"n{k}")).split()), [b"0", b"1", b"2"])
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
     def test_o_append_records_from_three_nodes_all_land_whole(self):
         r = self.rig()
         mps = [r.mount(i) for i in range(3)]
