@@ -258,7 +258,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
     if (id != kFsLock) return Status::Ok();
     return f->OnRevoke(to);
   };
-  lo.on_recover = [f](uint32_t slot, uint64_t) { return f->RecoverSlot(slot); };
+  lo.on_recover = [f](uint32_t slot, uint64_t gen) { return f->RecoverSlot(slot, gen); };
   lo.on_fatal = [hook = opts.on_fatal](const Status& st) {
     if (hook) return hook(st);
     // The lock cannot be released safely; survivors recover this node as a crashed one.
@@ -355,7 +355,7 @@ Status Filesystem::Unmount() {
 // Recovery of a dead node (run by the lock master while the dead node's locks are
 // still held, so nobody else touches what it may have changed).
 
-Status Filesystem::RecoverSlot(uint32_t slot) {
+Status Filesystem::RecoverSlot(uint32_t slot, uint64_t generation) {
   auto j = Journal::Open(io_, g_, uuid_, slot, 0);
   if (!j.ok()) return j.status();
   auto r = (*j)->Replay();
@@ -364,7 +364,7 @@ Status Filesystem::RecoverSlot(uint32_t slot) {
   info_.replayed_transactions += r->transactions;
   info_.recoveries++;
   recovered_++;  // its open-file table no longer counts once its slot is freed
-  janitor_work_++;
+  adopt_pending_[slot] = {generation, BootNowMs()};
   janitor_cv_.notify_all();
   spdlog::warn("node slot {} died: replayed {} transactions of its journal", slot,
                r->transactions);
@@ -674,21 +674,57 @@ Status Filesystem::AdoptOrphans() {
 }
 
 void Filesystem::JanitorLoop() {
+  // A sweep waits for a moment when this node holds the lock exclusively anyway, so
+  // that closing files does not pull the lock away from busy nodes; after
+  // kSweepWaitMs it takes the lock itself.
+  constexpr uint64_t kSweepWaitMs = 2000;
+  // The lock master frees a recovered slot only after RecoverSlot returned, and a
+  // node that holds the lock already does not wait for that at its gate: adopt once
+  // the heartbeat block shows the slot free (or claimed again: its new owner disposes
+  // of the list at mount). Give up after kAdoptWaitMs (the master died meanwhile; the
+  // next master recovers the slot again).
+  constexpr uint64_t kAdoptWaitMs = 600000;
+  uint64_t sweep_since = 0;  // BootNowMs of the oldest unserved sweep request; 0: none
   std::unique_lock<std::mutex> lk(info_mu_);
   for (;;) {
-    janitor_cv_.wait(lk, [&] { return janitor_stop_ || janitor_work_ > 0 || janitor_sweep_; });
+    if (sweep_since != 0 || !adopt_pending_.empty()) {
+      janitor_cv_.wait_for(lk, std::chrono::milliseconds(50),
+                           [&] { return janitor_stop_ || janitor_sweep_; });
+    } else {
+      janitor_cv_.wait(lk, [&] {
+        return janitor_stop_ || janitor_sweep_ || !adopt_pending_.empty();
+      });
+    }
     if (janitor_stop_) return;
-    bool adopt = janitor_work_ > 0;
-    janitor_work_ = 0;
+    if (janitor_sweep_ && sweep_since == 0) sweep_since = std::max<uint64_t>(1, BootNowMs());
     janitor_sweep_ = false;
+    auto pending = adopt_pending_;
     lk.unlock();
+    bool adopt = false;
+    std::vector<uint32_t> done;
+    for (const auto& [slot, p] : pending) {
+      uint64_t gen = 0;
+      auto seen = ReadSlotState(slot, &gen);
+      const bool freed = seen.ok() && !(*seen == SlotSeen::kMounted && gen == p.generation);
+      if (freed) adopt = true;
+      if (freed || BootNowMs() >= p.since_ms + kAdoptWaitMs) done.push_back(slot);
+    }
+    const bool sweep = sweep_since != 0 &&
+                       (adopt || lsvc_->Held(kFsLock) == LockMode::kExclusive ||
+                        BootNowMs() >= sweep_since + kSweepWaitMs);
+    if (sweep) sweep_since = 0;
     if (adopt) {
-      // The gate waits until the master reopened grants, i.e. the slot is recovered.
       Status st = AdoptOrphans();
       if (!st.ok()) spdlog::error("adopting orphans of a recovered node: {}", st.ToString());
     }
-    SweepOrphans();
+    if (sweep) SweepOrphans();
     lk.lock();
+    for (uint32_t slot : done) {
+      auto it = adopt_pending_.find(slot);
+      if (it != adopt_pending_.end() && it->second.since_ms == pending[slot].since_ms) {
+        adopt_pending_.erase(it);
+      }
+    }
   }
 }
 

@@ -57,6 +57,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -353,9 +354,13 @@ class Filesystem {
   std::thread janitor_;
   std::condition_variable janitor_cv_;
   bool janitor_stop_ = false;
-  uint64_t janitor_work_ = 0;  // recoveries not yet followed by an adoption
+  struct AdoptPending {
+    uint64_t generation;  // of the recovered node
+    uint64_t since_ms;    // BootNowMs of the recovery
+  };
+  std::map<uint32_t, AdoptPending> adopt_pending_;  // recovered slots not yet adopted
   bool janitor_sweep_ = false;  // a file this node had published as open was closed
-  Status RecoverSlot(uint32_t slot);
+  Status RecoverSlot(uint32_t slot, uint64_t generation);
   Status OnRevoke(LockMode to);
 
   // References and orphans (filesystem.cc).
