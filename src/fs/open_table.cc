@@ -43,7 +43,7 @@ uint32_t EncodeOpenTable(const Geometry& g, const Uuid& uuid, uint32_t slot, uin
     const size_t first = size_t(b) * kOpenInosPerBlock;
     const size_t n = std::min(kOpenInosPerBlock, total - first);
     t->count = uint32_t(n);
-    std::memcpy(t->ino, inos.data() + first, n * sizeof(uint64_t));
+    if (n > 0) std::memcpy(t->ino, inos.data() + first, n * sizeof(uint64_t));  // data() may be null
     SealBlock(p);
   }
   return nblocks;
