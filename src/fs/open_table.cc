@@ -242,13 +242,9 @@ void Filesystem::SweepOrphans() {
   }
   uint64_t freed = 0;
   for (uint64_t ino : *mine) {
-    {
-      auto h = store_->Begin(true);
-      auto ir = RIno(*h, g_, ino);
-      // A truncation in progress (linked) is finished by the thread doing it.
-      if (!ir.ok() || (*ir)->nlink != 0) continue;
-    }
     if (OpenLocally(ino)) continue;
+    // DisposeOrphan leaves a linked inode alone: a truncation in progress is finished
+    // by the thread doing it.
     auto r = DisposeOrphan(info_.slot, ino);
     if (!r.ok()) {
       spdlog::error("freeing orphan inode {}: {}", ino, r.status().ToString());
