@@ -7,7 +7,7 @@
 # build-fuzz/fuzz-corpus/<target>/ across runs; seeds are regenerated from real images
 # each run. Prints the executions per target.
 #
-#   scripts/fuzz.sh            # CI: 60 s per target
+#   scripts/fuzz.sh            # 60 s per target (the test command runs 45)
 #   scripts/fuzz.sh 3600       # long run: one hour per target
 # Environment: FUZZ_BUILD_DIR, FUZZ_CRASH_DIR, FUZZ_PARALLEL (targets at once, 2),
 # FUZZ_TARGETS (space-separated subset).

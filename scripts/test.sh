@@ -32,6 +32,7 @@ ctest --test-dir build-tsan --output-on-failure -j2 --timeout 900 \
   -E "^DiskPaxosSimTest\."
 
 # libFuzzer (clang, ASan + UBSan): every on-disk decoder, the journal replayer and
-# fsck, 60 s per target, two at a time, after replaying fuzz/regressions/.
+# fsck, 45 s per target, two at a time, after replaying fuzz/regressions/ (longer runs:
+# scripts/fuzz.sh SECONDS, see the README).
 echo "== libFuzzer"
-scripts/fuzz.sh 60
+scripts/fuzz.sh 45

@@ -12,10 +12,14 @@
 // - DurableImage() copies out what would survive a Crash(). The image constructor
 //   builds a device whose current and durable content are both `image`.
 // - Read/Write/Flush never fail except for the I/O rules above.
+// - Memory follows what was written, not Size(): both copies are kept in 64 KiB
+//   chunks allocated at their first write (a chunk never written reads as zeros), so
+//   a large, mostly empty test device costs neither RAM nor the time to clear it.
 // - Thread-safety: every method may be called concurrently (one mutex).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -52,10 +56,19 @@ class MemDevice final : public BlockDevice {
   uint64_t flushes() const;
 
  private:
+  static constexpr uint64_t kChunk = 64 * 1024;
+  // One device copy: chunk i holds bytes [i * kChunk, (i + 1) * kChunk); null: zeros.
+  using Chunks = std::vector<std::unique_ptr<uint8_t[]>>;
+  static void CopyOut(const Chunks& c, uint64_t offset, void* buf, size_t len);
+  static void CopyIn(Chunks& c, uint64_t offset, const void* buf, size_t len);
+  // Sector `s` of `from` into `to`.
+  static void CopySector(const Chunks& from, Chunks& to, uint64_t s);
+
   mutable std::mutex mu_;
   const std::string name_;
-  std::vector<uint8_t> current_;
-  std::vector<uint8_t> durable_;
+  const uint64_t size_;
+  Chunks current_;
+  Chunks durable_;
   std::set<uint64_t> dirty_;  // sector indexes written since the last Flush
   uint64_t reads_ = 0;
   uint64_t writes_ = 0;
