@@ -37,13 +37,8 @@ void MemDevice::CopyIn(Chunks& c, uint64_t offset, const void* buf, size_t len) 
 
 void MemDevice::CopySector(const Chunks& from, Chunks& to, uint64_t s) {
   const uint64_t i = s * kSectorSize / kChunk, at = s * kSectorSize % kChunk;
-  if (!from[i] && !to[i]) return;  // zeros both
-  if (!to[i]) to[i].reset(new uint8_t[kChunk]());
-  if (from[i]) {
-    std::memcpy(to[i].get() + at, from[i].get() + at, kSectorSize);
-  } else {
-    std::memset(to[i].get() + at, 0, kSectorSize);
-  }
+  if (!from[i]) return;  // nor `to`'s: a chunk's two copies exist together
+  std::memcpy(to[i].get() + at, from[i].get() + at, kSectorSize);
 }
 
 MemDevice::MemDevice(uint64_t size, std::string name)
@@ -74,7 +69,7 @@ Status MemDevice::Read(uint64_t offset, void* buf, size_t len) {
 Status MemDevice::Write(uint64_t offset, const void* buf, size_t len) {
   // Chunks written for the first time are allocated for both copies here, outside the
   // mutex (clearing them faults their pages in, which is slow in some VMs and would
-  // hold up every other thread's I/O); Flush and Crash then never allocate.
+  // hold up every other thread's I/O).
   std::vector<uint64_t> missing;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -90,7 +85,7 @@ Status MemDevice::Write(uint64_t offset, const void* buf, size_t len) {
     const uint64_t i = missing[k];
     if (current_[i]) continue;  // another writer got there first
     current_[i] = std::move(fresh[2 * k]);
-    if (!durable_[i]) durable_[i] = std::move(fresh[2 * k + 1]);
+    durable_[i] = std::move(fresh[2 * k + 1]);
   }
   writes_++;
   CopyIn(current_, offset, buf, len);

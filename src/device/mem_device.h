@@ -58,6 +58,8 @@ class MemDevice final : public BlockDevice {
  private:
   static constexpr uint64_t kChunk = 64 * 1024;
   // One device copy: chunk i holds bytes [i * kChunk, (i + 1) * kChunk); null: zeros.
+  // current_[i] and durable_[i] are allocated together (by the image constructor or at
+  // the chunk's first Write), so Flush and Crash copy sectors without allocating.
   using Chunks = std::vector<std::unique_ptr<uint8_t[]>>;
   static void CopyOut(const Chunks& c, uint64_t offset, void* buf, size_t len);
   static void CopyIn(Chunks& c, uint64_t offset, const void* buf, size_t len);
