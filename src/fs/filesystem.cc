@@ -421,13 +421,14 @@ void Filesystem::SetLockLossHook(std::function<void()> fn) {
   lock_loss_hook_ = std::move(fn);
 }
 
-bool Filesystem::MarkAttrsCached(uint64_t ino) {
+bool Filesystem::MarkAttrsCached(uint64_t ino, bool unless_open) {
   std::lock_guard<std::mutex> g(states_mu_);
   auto it = refs_.find(ino);
   if (it == refs_.end()) {
     if (ino != sb_.root_ino) return false;
     it = refs_.emplace(ino, Refs{}).first;  // the kernel's root needs no lookup
   }
+  if (unless_open && it->second.opens > 0) return false;
   if (it->second.attrs_cached) return true;
   it->second.attrs_cached = true;
   if (attrs_cached_.size() >= 2 * refs_.size() + 64) {
@@ -456,6 +457,20 @@ std::vector<uint64_t> Filesystem::TakeAttrsCached() {
   }
   attrs_cached_.clear();
   return out;
+}
+
+bool Filesystem::AttrsMarked(uint64_t ino) {
+  std::lock_guard<std::mutex> g(states_mu_);
+  auto it = refs_.find(ino);
+  return it != refs_.end() && it->second.attrs_cached;
+}
+
+bool Filesystem::UnmarkAttrs(uint64_t ino) {
+  std::lock_guard<std::mutex> g(states_mu_);
+  auto it = refs_.find(ino);
+  if (it == refs_.end() || !it->second.attrs_cached) return false;
+  it->second.attrs_cached = false;  // its listing in attrs_cached_ is skipped
+  return true;
 }
 
 bool Filesystem::Referenced(uint64_t ino) {

@@ -194,11 +194,15 @@ class Filesystem {
   // entirely, after lock_epoch() moved and before the release; nullptr clears it.
   void SetLockLossHook(std::function<void()> fn);
   // Remembers that the kernel caches attributes of `ino`; false (nothing remembered,
-  // hand out no timeout) when the kernel holds no reference to it. The mark goes when
+  // hand out no timeout) when the kernel holds no reference to it, or when
+  // `unless_open` and this node has it open (Open without Release). The mark goes when
   // the kernel forgets the inode.
-  bool MarkAttrsCached(uint64_t ino);
+  bool MarkAttrsCached(uint64_t ino, bool unless_open = false);
   // Every inode marked since the last call; clears the marks.
   std::vector<uint64_t> TakeAttrsCached();
+  // Whether `ino` is marked; UnmarkAttrs also clears the mark (true if it was set).
+  bool AttrsMarked(uint64_t ino);
+  bool UnmarkAttrs(uint64_t ino);
   Status Open(uint64_t ino, int flags, const Caller& c);
   void Release(uint64_t ino);
 

@@ -801,6 +801,21 @@ TEST_F(FsTest, LockLossMovesTheEpochAndRunsTheHook) {
     if (i < 999) fs_->Forget(f, 1);
   }
   EXPECT_EQ(fs_->TakeAttrsCached(), std::vector<uint64_t>{f});
+
+  // A file this node has open is not marked unless asked; an unmarked inode is not
+  // taken back by the hook.
+  ASSERT_TRUE(fs_->Open(f, O_RDONLY, caller_).ok());
+  EXPECT_FALSE(fs_->MarkAttrsCached(f, /*unless_open=*/true));
+  EXPECT_FALSE(fs_->AttrsMarked(f));
+  EXPECT_TRUE(fs_->MarkAttrsCached(f));
+  EXPECT_TRUE(fs_->AttrsMarked(f));
+  EXPECT_TRUE(fs_->UnmarkAttrs(f));
+  EXPECT_FALSE(fs_->UnmarkAttrs(f));
+  EXPECT_FALSE(fs_->AttrsMarked(f));
+  EXPECT_TRUE(fs_->TakeAttrsCached().empty());
+  fs_->Release(f);
+  EXPECT_TRUE(fs_->MarkAttrsCached(f, /*unless_open=*/true)) << "closed again";
+  EXPECT_EQ(fs_->TakeAttrsCached(), std::vector<uint64_t>{f});
   fs_->Forget(f, 1);
   fs_->SetLockLossHook(nullptr);
   ASSERT_TRUE(b->Unmount().ok());

@@ -106,21 +106,31 @@ void ReplyErr(fuse_req_t req, const Status& s) {
 // The attribute timeout a reply carrying `a` may hand out; call with reply_mu held
 // shared until the reply is written. The kernel must already hold a reference to the
 // inode (AddRef before an entry reply).
-// Regular files get none: their cached pages are checked against mtime and size by
-// the getattr that each read(2) sends while the attributes are not cached. An
-// invalidation makes the kernel discard a getattr reply that was already written but
-// not yet applied, and that read then returns the old pages unchecked — another
-// node's write, made while this node waited for the lock, stays unseen.
+// A regular file that this node has open gets none. An invalidation makes the kernel
+// discard a getattr reply already written but not yet applied, and the read(2) that
+// asked for it then serves its old pages unchecked. So a file must never be
+// invalidated while a read's getattr may be in flight: files open here are not
+// marked, and OpOpen takes back the timeout of a marked one before any read can ask.
 double AttrTimeout(fuse_req_t req, const Attr& a) {
   Ctx* c = C(req);
-  if (c->opts.attr_timeout <= 0 || S_ISREG(a.mode) || a.lock_epoch == 0 ||
-      a.lock_epoch != c->fs->lock_epoch()) {
+  if (c->opts.attr_timeout <= 0 || a.lock_epoch == 0 || a.lock_epoch != c->fs->lock_epoch()) {
     return 0;
   }
   uint64_t lease = c->fs->LeaseRemainingMs();
   if (lease <= kLeaseMarginMs) return 0;
-  if (!c->fs->MarkAttrsCached(a.ino)) return 0;
+  if (!c->fs->MarkAttrsCached(a.ino, /*unless_open=*/S_ISREG(a.mode))) return 0;
   return std::min(c->opts.attr_timeout, double(lease - kLeaseMarginMs) / 1000.0);
+}
+
+// Before a regular file's open is answered: takes back an attribute timeout handed
+// out while it was closed (see AttrTimeout). Call after Filesystem::Open, which stops
+// further marks; reply_mu exclusive waits for a reply that marked it to be written.
+void UnmarkOpenedFile(Ctx* c, uint64_t ino) {
+  if (!c->fs->AttrsMarked(ino)) return;
+  std::unique_lock<std::shared_mutex> lk(c->reply_mu);
+  if (!c->fs->UnmarkAttrs(ino)) return;  // the hook took it back meanwhile
+  int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
+  if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
 }
 
 // The name timeout a reply may hand out for an answer (an entry, or the absence of
@@ -183,11 +193,15 @@ void ReplyEntry(fuse_req_t req, const Result<Attr>& r) {
   if (fuse_reply_entry(req, &e) != 0) fs->Forget(r->ino, 1);
 }
 
-void ReplyAttr(fuse_req_t req, const Result<Attr>& r) {
+// `cacheable`: false for a setattr reply. Kernels before the 2025 fix of
+// fuse_do_setattr apply a setattr reply without checking whether an invalidation
+// came after it was written, so a timeout it carried could outlive the lock.
+void ReplyAttr(fuse_req_t req, const Result<Attr>& r, bool cacheable = true) {
   if (!r.ok()) return ReplyErr(req, r.status());
   struct stat st;
   r->ToStat(&st);
   st.st_ino = ToFuse(F(req), r->ino);
+  if (!cacheable) return (void)fuse_reply_attr(req, &st, 0);
   std::shared_lock<std::shared_mutex> lk(C(req)->reply_mu);
   fuse_reply_attr(req, &st, AttrTimeout(req, *r));
 }
@@ -271,7 +285,8 @@ void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fu
   r.new_mtime = attr->st_mtim;
   r.new_ctime = attr->st_ctim;
   r.has_open_file = fi != nullptr;
-  ReplyAttr(req, F(req)->SetAttr(CallerOf(req, r.gid || r.mode), ToFs(req, ino), r));
+  ReplyAttr(req, F(req)->SetAttr(CallerOf(req, r.gid || r.mode), ToFs(req, ino), r),
+            /*cacheable=*/false);
 }
 
 void OpReadlink(fuse_req_t req, fuse_ino_t ino) {
@@ -341,6 +356,7 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   Status st = F(req)->Open(i, fi->flags, CallerOf(req));
   if (!st.ok()) return ReplyErr(req, st);
+  if (S_ISREG(a->mode)) UnmarkOpenedFile(C(req), i);
   SetOpenFlags(req, fi);
   if (fuse_reply_open(req, fi) != 0) F(req)->Release(i);
 }

@@ -16,10 +16,14 @@
 //   the lock moves. The check, the mark and the reply write happen under reply_mu
 //   shared and the hook runs under it exclusive, so every reply that promised a
 //   timeout lands before the invalidation that takes it back. readdirplus attributes
-//   get no timeout (its reply is built inside the filesystem call). Regular files get
-//   none either: each read(2) then asks for them and the kernel drops stale pages
-//   (an invalidation racing a getattr reply would make the kernel discard the reply
-//   and serve that read from old pages; docs/DESIGN.md, "The kernel's caches").
+//   get no timeout (its reply is built inside the filesystem call), nor do setattr
+//   replies (older kernels apply them even after an invalidation). A regular file
+//   gets one only while this node does not have it open, and opening a marked file
+//   invalidates it first: an
+//   invalidation racing the getattr of a read(2) would make the kernel discard the
+//   reply and serve that read from old pages, so open files are never invalidated.
+//   While a file is open each read(2) asks for its attributes and the kernel drops
+//   stale pages (docs/DESIGN.md, "The kernel's caches").
 // - Entries (names, found or not found) get a timeout the same way (up to
 //   entry_timeout, default 60 s, never beyond the lease), read under the current lock
 //   epoch, but only when the kernel supports FUSE_NOTIFY_INC_EPOCH (Linux 6.16; probed

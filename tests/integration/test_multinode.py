@@ -605,16 +605,23 @@ class MultiNodeCases:
             except BaseException as e:  # noqa: B902 (reported below)
                 errors.append(f"writer {node}: {e!r}")
 
-        def reader(node, which):
+        def reader(node, which, closed=False):
             # Readers look at other nodes' files: within one node the kernel's page
             # cache does not make a read atomic with a concurrent write (as on ext4).
+            # A `closed` reader keeps no file open: it stats the file (the kernel may
+            # then cache its attributes, docs/DESIGN.md "The kernel's caches") and reads
+            # it through a fresh open each time.
             try:
-                fds = {f: os.open(os.path.join(mps[node], f), os.O_RDONLY) for f in which}
+                fds = {} if closed else {
+                    f: os.open(os.path.join(mps[node], f), os.O_RDONLY) for f in which}
                 n = 0
                 while not stop.is_set():
                     f = which[n % len(which)]
                     t = time.monotonic()
-                    if n % 7 == 0:  # sometimes through a fresh open
+                    if closed:
+                        os.stat(os.path.join(mps[node], f))
+                        data = read(os.path.join(mps[node], f))
+                    elif n % 7 == 0:  # sometimes through a fresh open
                         data = read(os.path.join(mps[node], f))
                     else:
                         data = os.pread(fds[f], 4096, 0)
@@ -633,8 +640,9 @@ class MultiNodeCases:
               threading.Thread(target=writer, args=(1, files[2:])),
               threading.Thread(target=reader, args=(0, files[2:])),
               threading.Thread(target=reader, args=(1, files[:2])),
-              threading.Thread(target=reader, args=(2, files))]
-        run_for(ts, 8, stop)
+              threading.Thread(target=reader, args=(2, files[:2])),
+              threading.Thread(target=reader, args=(2, files[2:], True))]
+        run_for(ts, float(os.environ.get("AGFS_COHERENCE_SECONDS", "8")), stop)
         self.assertEqual(errors, [])
         self.assertGreater(len(reads), 50)
         self.assertGreater(min(len(v) for v in done.values()), 5)
@@ -648,6 +656,7 @@ class MultiNodeCases:
                     break
             if v < newest:
                 stale.append((f, node, v, newest))
+        print(f"coherence: {len(reads)} reads, {len(stale)} stale", file=sys.stderr)
         self.assertEqual(stale, [], f"{len(stale)} of {len(reads)} reads were stale")
         for i in range(3):
             r.unmount(i)
