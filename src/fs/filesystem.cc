@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cstring>
 
 #include "dir/dir.h"
@@ -522,7 +523,7 @@ Status Filesystem::AddOrphan(MetaTxn& h, uint32_t slot, uint64_t ino) {
       return Status::Ok();
     }
   }
-  return Err(Code::kNoSpace, "orphan list full (too many unlinked files still open)");
+  return Err(Code::kNoSpace, std::string(kOrphanListFull));
 }
 
 Status Filesystem::RemoveOrphan(MetaTxn& h, uint32_t slot, uint64_t ino) {
@@ -583,6 +584,17 @@ Status Filesystem::FreeInode(uint32_t orphan_slot, uint64_t ino) {
 
 void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   if (!store_ || !store_->failed().ok()) return;
+  {
+    // Nearly every inode the kernel forgets is no orphan, and a forget storm (the
+    // kernel dropping its dentry cache) brings tens of thousands at once: this node's
+    // orphan list (two cached blocks, under a shared gate) tells without reading the
+    // inode or taking the lock exclusively. Only orphans on it are freed here
+    // (DisposeOrphan); one added meanwhile is looked at by whoever added it.
+    Gate shared(this, LockMode::kShared);
+    if (!shared.status().ok()) return;
+    auto list = OrphansOf(info_.slot);
+    if (list.ok() && std::find(list->begin(), list->end(), ino) == list->end()) return;
+  }
   Gate gate(this, LockMode::kExclusive);
   if (!gate.status().ok()) return;
   {
@@ -604,6 +616,16 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
     std::lock_guard<std::mutex> g(info_mu_);
     info_.orphans_freed++;
   }
+}
+
+Status Filesystem::RetryWhileOrphanListFull(const std::function<Status()>& op) {
+  Status st = op();
+  for (int waited = 0; waited < kOrphanRoomWaitMs; waited += 10) {
+    if (!st.Is(Code::kNoSpace) || st.message() != kOrphanListFull) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    st = op();
+  }
+  return st;
 }
 
 Result<std::vector<uint64_t>> Filesystem::OrphansOf(uint32_t slot) {

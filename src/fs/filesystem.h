@@ -315,6 +315,22 @@ class Filesystem {
   Status CheckKnown(uint64_t ino);
   std::shared_ptr<InodeState> State(uint64_t ino);
   void MaybeFreeOrphan(uint64_t ino);
+  // Unlink, Rmdir and Rename put an inode the kernel still references on this node's
+  // orphan list, and the kernel's forget that lets it be freed comes after the reply,
+  // queued behind every other forget (after the kernel dropped its dentry cache, tens
+  // of thousands). When `op` fails with kNoSpace while the list is full, this waits
+  // (polling every 10 ms, outside any gate) up to kOrphanRoomWaitMs for room and
+  // runs it again; the list fills for good only with that many deleted files still
+  // open, and then the caller gets ENOSPC. `op` must change nothing when it fails
+  // there (each adds to the list before anything else).
+  static constexpr int kOrphanRoomWaitMs = 2000;
+  static constexpr std::string_view kOrphanListFull =
+      "orphan list full (too many deleted files still referenced)";
+  Status RetryWhileOrphanListFull(const std::function<Status()>& op);
+  Status UnlinkOnce(const Caller& c, uint64_t parent, std::string_view name);
+  Status RmdirOnce(const Caller& c, uint64_t parent, std::string_view name);
+  Status RenameOnce(const Caller& c, uint64_t parent, std::string_view name, uint64_t newparent,
+                    std::string_view newname, unsigned flags);
 
   // Helpers used under a MetaStore handle (implemented in fs/*.cc).
   friend class FsOps;

@@ -405,6 +405,47 @@ TEST_F(FsTest, NoSpaceIsCleanAndAccountingRecovers) {
   EXPECT_EQ(fs_->StatFs()->bfree, free0);
 }
 
+// The kernel's forget of a deleted inode comes after the unlink's reply, queued behind
+// every other forget: an unlink that finds this node's orphan list full waits for room
+// instead of failing at once, and reports ENOSPC, changing nothing, only when no room
+// comes.
+TEST_F(FsTest, UnlinkWaitsForRoomOnTheOrphanList) {
+  const size_t cap = size_t(kSlotOrphanBlocks) * kOrphansPerBlock;
+  std::vector<uint64_t> held;  // referenced as if by the kernel
+  for (size_t i = 0; i <= cap + 1; i++) {
+    uint64_t f = Create(Root(), "o" + std::to_string(i));
+    auto a = fs_->GetAttr(f);
+    ASSERT_TRUE(a.ok());
+    fs_->AddRef(f, a->generation);
+    held.push_back(f);
+  }
+  for (size_t i = 0; i < cap; i++) {
+    ASSERT_TRUE(fs_->Unlink(caller_, Root(), "o" + std::to_string(i)).ok()) << i;
+  }
+  // Full. The forget of the first comes while the next unlink waits.
+  std::thread forgetter([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    fs_->Forget(held[0], 1);
+  });
+  Status waited = fs_->Unlink(caller_, Root(), "o" + std::to_string(cap));
+  forgetter.join();
+  EXPECT_TRUE(waited.ok()) << waited.ToString();
+  // Full again, and nothing is forgotten: ENOSPC after the wait, nothing changed.
+  Status full = fs_->Unlink(caller_, Root(), "o" + std::to_string(cap + 1));
+  EXPECT_TRUE(full.Is(Code::kNoSpace)) << full.ToString();
+  EXPECT_TRUE(fs_->Lookup(Root(), "o" + std::to_string(cap + 1)).ok());
+  // Once the kernel lets go, every orphan is freed and the last name can go.
+  EXPECT_EQ(fs_->info().orphans_freed, 1u);
+  for (size_t i = 1; i <= cap + 1; i++) fs_->Forget(held[i], 1);
+  EXPECT_EQ(fs_->info().orphans_freed, cap + 1);
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "o" + std::to_string(cap + 1)).ok());
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
 TEST_F(FsTest, DeviceErrorsBecomeEioAndNothingIsAcknowledgedFalsely) {
   uint64_t f = Create(Root(), "io");
   WriteAt(f, 0, std::string(100000, 'a'));

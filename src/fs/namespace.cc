@@ -214,6 +214,10 @@ static Result<Victim> OpenVictim(MetaTxn& h, const Geometry& g, uint64_t parent,
 }
 
 Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view name) {
+  return RetryWhileOrphanListFull([&] { return UnlinkOnce(c, parent, name); });
+}
+
+Status Filesystem::UnlinkOnce(const Caller& c, uint64_t parent, std::string_view name) {
   AGFS_GATE(Exclusive, parent);
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kIsDir, "cannot unlink . or ..");
@@ -244,6 +248,10 @@ Status Filesystem::Unlink(const Caller& c, uint64_t parent, std::string_view nam
 }
 
 Status Filesystem::Rmdir(const Caller& c, uint64_t parent, std::string_view name) {
+  return RetryWhileOrphanListFull([&] { return RmdirOnce(c, parent, name); });
+}
+
+Status Filesystem::RmdirOnce(const Caller& c, uint64_t parent, std::string_view name) {
   AGFS_GATE(Exclusive, parent);
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (name == ".") return Err(Code::kInvalid, "cannot remove .");
@@ -318,6 +326,11 @@ static Result<bool> IsBelow(MetaTxn& h, const Geometry& g, uint64_t root, uint64
 
 Status Filesystem::Rename(const Caller& c, uint64_t p1, std::string_view n1, uint64_t p2,
                           std::string_view n2, unsigned flags) {
+  return RetryWhileOrphanListFull([&] { return RenameOnce(c, p1, n1, p2, n2, flags); });
+}
+
+Status Filesystem::RenameOnce(const Caller& c, uint64_t p1, std::string_view n1, uint64_t p2,
+                              std::string_view n2, unsigned flags) {
   AGFS_GATE(Exclusive, p1, p2);
   AGFS_RETURN_IF_ERROR(CheckName(n1));
   AGFS_RETURN_IF_ERROR(CheckName(n2));
