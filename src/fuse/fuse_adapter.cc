@@ -133,12 +133,14 @@ void UnmarkOpenedFile(Ctx* c, uint64_t ino) {
   if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
 }
 
-// The name timeout a reply may hand out for an answer (an entry, or the absence of
-// one) read under lock epoch `epoch`; call with reply_mu held shared until the reply
-// is written.
-double EntryTimeout(fuse_req_t req, uint64_t epoch) {
-  Ctx* c = C(req);
-  if (c->opts.entry_timeout <= 0 || epoch == 0 || epoch != c->fs->lock_epoch()) return 0;
+// Whether the kernel can drop every cached name at once: sends one
+// FUSE_NOTIFY_INC_EPOCH, once. OpInit calls it before the kernel has sent any LOOKUP:
+// the kernel stamps a name with its epoch before the LOOKUP goes out and invalidates,
+// at the next path walk through it, every name stamped before the latest epoch, with
+// everything cached below it. Probing during the first lookup made that first
+// directory stale at once, and its next use dropped all its cached entries (a burst of
+// tens of thousands of FORGETs in bench/single-node).
+void ProbeKernelEpochs(Ctx* c) {
   std::call_once(c->epoch_probe, [c] {
     int rc = NotifyIncEpoch(c->se);
     c->kernel_epochs = rc == 0;
@@ -149,6 +151,15 @@ double EntryTimeout(fuse_req_t req, uint64_t epoch) {
                    "every path walk asks the daemon", strerror(-rc));
     }
   });
+}
+
+// The name timeout a reply may hand out for an answer (an entry, or the absence of
+// one) read under lock epoch `epoch`; call with reply_mu held shared until the reply
+// is written.
+double EntryTimeout(fuse_req_t req, uint64_t epoch) {
+  Ctx* c = C(req);
+  if (c->opts.entry_timeout <= 0 || epoch == 0 || epoch != c->fs->lock_epoch()) return 0;
+  ProbeKernelEpochs(c);
   if (!c->kernel_epochs) return 0;
   uint64_t lease = c->fs->LeaseRemainingMs();
   if (lease <= kLeaseMarginMs) return 0;
@@ -209,7 +220,8 @@ void ReplyAttr(fuse_req_t req, const Result<Attr>& r, bool cacheable = true) {
 // ------------------------------------------------------------------------------
 
 void OpInit(void* userdata, fuse_conn_info* conn) {
-  (void)userdata;
+  auto* ctx = static_cast<Ctx*>(userdata);
+  if (ctx->opts.entry_timeout > 0) ProbeKernelEpochs(ctx);
   conn->max_write = 1 << 20;
   conn->max_readahead = 1 << 20;
   if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want &= ~FUSE_CAP_SPLICE_READ;

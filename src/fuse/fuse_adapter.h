@@ -27,7 +27,8 @@
 // - Entries (names, found or not found) get a timeout the same way (up to
 //   entry_timeout, default 60 s, never beyond the lease), read under the current lock
 //   epoch, but only when the kernel supports FUSE_NOTIFY_INC_EPOCH (Linux 6.16; probed
-//   by sending one at the first such reply). The hook then sends one more, which makes
+//   by sending one during INIT, before any name exists: a name stamped before the
+//   current epoch is dropped at its next use with everything cached below it). The hook then sends one more, which makes
 //   the kernel drop every name it looked up before it, without taking any inode lock.
 //   (fuse_lowlevel_notify_inval_entry would take the parent directory's inode lock,
 //   which a create waiting for the filesystem lock may hold: a deadlock from the
