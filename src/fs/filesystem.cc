@@ -10,8 +10,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 #include <cstring>
+#include <thread>
 
 #include "dir/dir.h"
 #include "extent/extent.h"

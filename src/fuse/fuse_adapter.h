@@ -19,17 +19,17 @@
 //   get no timeout (its reply is built inside the filesystem call), nor do setattr
 //   replies (older kernels apply them even after an invalidation). A regular file
 //   gets one only while this node does not have it open, and opening a marked file
-//   invalidates it first: an
-//   invalidation racing the getattr of a read(2) would make the kernel discard the
-//   reply and serve that read from old pages, so open files are never invalidated.
-//   While a file is open each read(2) asks for its attributes and the kernel drops
-//   stale pages (docs/DESIGN.md, "The kernel's caches").
+//   invalidates it first: an invalidation racing the getattr of a read(2) would make
+//   the kernel discard the reply and serve that read from old pages, so open files
+//   are never invalidated. While a file is open each read(2) asks for its attributes
+//   and the kernel drops stale pages (docs/DESIGN.md, "The kernel's caches").
 // - Entries (names, found or not found) get a timeout the same way (up to
 //   entry_timeout, default 60 s, never beyond the lease), read under the current lock
 //   epoch, but only when the kernel supports FUSE_NOTIFY_INC_EPOCH (Linux 6.16; probed
 //   by sending one during INIT, before any name exists: a name stamped before the
-//   current epoch is dropped at its next use with everything cached below it). The hook then sends one more, which makes
-//   the kernel drop every name it looked up before it, without taking any inode lock.
+//   current epoch is dropped at its next use with everything cached below it). The
+//   hook then sends one more, which makes the kernel drop every name it looked up
+//   before it, without taking any inode lock.
 //   (fuse_lowlevel_notify_inval_entry would take the parent directory's inode lock,
 //   which a create waiting for the filesystem lock may hold: a deadlock from the
 //   revoke path.) The kernel stamps each name with its epoch before it sends the
