@@ -122,15 +122,21 @@ double AttrTimeout(fuse_req_t req, const Attr& a) {
   return std::min(c->opts.attr_timeout, double(lease - kLeaseMarginMs) / 1000.0);
 }
 
+// Takes back the attribute timeout of `ino` (attributes only: no page or inode lock is
+// taken in the kernel, so it cannot wait for a request that waits for the lock).
+void InvalidateAttrs(Ctx* c, uint64_t ino) {
+  int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
+  // ENOENT: the kernel has already dropped the inode.
+  if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
+}
+
 // Before a regular file's open is answered: takes back an attribute timeout handed
 // out while it was closed (see AttrTimeout). Call after Filesystem::Open, which stops
 // further marks; reply_mu exclusive waits for a reply that marked it to be written.
 void UnmarkOpenedFile(Ctx* c, uint64_t ino) {
   if (!c->fs->AttrsMarked(ino)) return;
   std::unique_lock<std::shared_mutex> lk(c->reply_mu);
-  if (!c->fs->UnmarkAttrs(ino)) return;  // the hook took it back meanwhile
-  int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
-  if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
+  if (c->fs->UnmarkAttrs(ino)) InvalidateAttrs(c, ino);  // else the hook took it back
 }
 
 // Whether the kernel can drop every cached name at once: sends one
@@ -175,11 +181,7 @@ void InvalidateKernelCaches(Ctx* c) {
     // ENODEV: the mount is gone, and its names with it.
     if (rc != 0 && rc != -ENODEV) spdlog::error("dropping the kernel's cached names: {}", strerror(-rc));
   }
-  for (uint64_t ino : c->fs->TakeAttrsCached()) {
-    int rc = fuse_lowlevel_notify_inval_inode(c->se, ToFuse(c->fs, ino), -1, 0);
-    // ENOENT: the kernel has already dropped the inode.
-    if (rc != 0 && rc != -ENOENT) spdlog::warn("invalidating inode {}: {}", ino, strerror(-rc));
-  }
+  for (uint64_t ino : c->fs->TakeAttrsCached()) InvalidateAttrs(c, ino);
 }
 
 void FillEntry(Filesystem* fs, const Attr& a, fuse_entry_param* e) {
