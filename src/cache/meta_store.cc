@@ -70,6 +70,18 @@ Status MetaStore::LoadAgsLocked() {
   return Status::Ok();
 }
 
+Status MetaStore::ReloadAgsIfStaleLocked() {
+  if (!ags_stale_) return Status::Ok();
+  // The allocation counts were dropped with the lock that covers them; the caller
+  // holds it again now.
+  Status st = LoadAgsLocked();
+  if (!st.ok()) {
+    spdlog::error("reading allocation group headers: {}", st.ToString());
+    return Err(st.code(), "reading allocation group headers: " + st.message());
+  }
+  return Status::Ok();
+}
+
 void MetaStore::Stop() {
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -116,12 +128,6 @@ const Uuid& MetaStore::Handle::uuid() const { return s_->uuid_; }
 std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t credits) {
   for (;;) {
     std::unique_ptr<Handle> h(new Handle(this, read_only));
-    if (ags_stale_) {
-      // The allocation counts were dropped with the lock that covers them; the caller
-      // holds it again now.
-      Status st = LoadAgsLocked();
-      if (!st.ok()) spdlog::error("reading allocation group headers: {}", st.ToString());
-    }
     if (read_only || !failed_.ok()) return h;
     // An empty transaction always takes the handle, however many credits it asks.
     bool txn_full = !dirty_.empty() && dirty_.size() + credits > TxnLimit();
@@ -438,6 +444,7 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
 
 Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool metadata) {
   (void)metadata;
+  AGFS_RETURN_IF_ERROR(ReloadAgsIfStaleLocked());
   if (want == 0) want = 1;
   uint32_t first_ag = 0;
   uint64_t from = 0;
@@ -470,6 +477,8 @@ Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool met
 }
 
 Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
+  // Before the first AG header changes in the cache: the reload reads them from disk.
+  AGFS_RETURN_IF_ERROR(ReloadAgsIfStaleLocked());
   while (count > 0) {
     if (blk < g_.ag_start || blk >= g_.total_blocks - 1) {
       return Err(Code::kCorruption, "freeing block " + std::to_string(blk) +
@@ -717,8 +726,9 @@ Result<bool> MetaStore::Reclaim() {
   return true;
 }
 
-uint64_t MetaStore::FreeBlocks() const {
+uint64_t MetaStore::FreeBlocks() {
   std::lock_guard<std::mutex> g(mu_);
+  (void)ReloadAgsIfStaleLocked();  // logged; the count is then 0 until a read works
   return free_total_;
 }
 

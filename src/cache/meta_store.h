@@ -17,7 +17,8 @@
 // - DropLock(id): commit, checkpoint and drop every block of that lock — what a lock
 //   revocation requires before the lock may be released. DropAll() does it for every
 //   block and also forgets the allocation counts (another node may change them); the
-//   next Begin() reads the AG headers again.
+//   first allocation, free or FreeBlocks() reads the AG headers again (a node that
+//   got the lock back only to read or to overwrite in place reads none).
 // - Every block read or written is checked against the LockManager (Acquire) on a
 //   cache miss, and on every write even when cached.
 //
@@ -134,10 +135,12 @@ class MetaStore {
   Status DropLock(LockId lock);
   // Commit, checkpoint, and drop every cached block and the in-memory allocation
   // counts: what giving up a lock that covers all metadata requires. The AG headers
-  // are read again by the next Begin().
+  // are read again by the next allocation, free or FreeBlocks().
   Status DropAll();
 
-  uint64_t FreeBlocks() const;          // sum over all AGs, excluding pending frees
+  // Sum over all AGs, excluding pending frees; reads the AG headers first if DropAll
+  // forgot the counts (the caller holds the lock that covers them again).
+  uint64_t FreeBlocks();
   uint64_t TotalDataBlocks() const;     // blocks in all AGs
   StoreStats stats() const;
   Status failed() const;
@@ -178,6 +181,7 @@ class MetaStore {
 
   Status CommitInternal();
   Status LoadAgsLocked();
+  Status ReloadAgsIfStaleLocked();  // LoadAgsLocked if DropAll forgot the counts
   void DropBufferLocked(uint64_t blk);
   size_t TxnLimit() const;
   Status CheckpointInternal();
@@ -207,7 +211,7 @@ class MetaStore {
   std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
   std::vector<uint64_t> ag_first_free_;  // no free block below this offset in the AG
   std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
-  bool ags_stale_ = false;           // counts dropped by DropAll: reload at Begin
+  bool ags_stale_ = false;           // counts dropped by DropAll: reload before use
   uint64_t free_total_ = 0;
   size_t unhomed_copies_ = 0;
   uint64_t pending_total_ = 0;  // blocks in pending_free_

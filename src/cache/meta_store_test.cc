@@ -112,6 +112,55 @@ TEST_F(MetaStoreTest, DropLockWritesHomeThenForgets) {
   EXPECT_EQ(store_->stats().cache_misses, misses + 1);  // it had been dropped
 }
 
+// After DropAll the allocation counts are whatever the disk says by the time they are
+// needed (another node may have allocated meanwhile), and a node that only reads does
+// not pay for reading them.
+TEST_F(MetaStoreTest, AllocationCountsAreReadAgainOnlyWhenNeeded) {
+  uint64_t a = NewBlock(0x44);
+  ASSERT_TRUE(store_->DropAll().ok());
+  EXPECT_EQ(OnDisk(a), 0x44);
+
+  // "Another node" (the journal of slot 1, its own store) allocates while this one
+  // holds nothing.
+  uint64_t other_free = 0;
+  uint64_t b = 0;
+  {
+    auto j1 = Journal::Open(fault_.get(), g_, SuperUuid(sb_), 1, 1);
+    ASSERT_TRUE(j1.ok());
+    ASSERT_TRUE((*j1)->Replay().ok());
+    LocalLockManager locks1;
+    StoreOptions o;
+    o.background = false;
+    MetaStore other(fault_.get(), sb_, j1->get(), &locks1, o);
+    ASSERT_TRUE(other.Init().ok());
+    {
+      auto h = other.Begin();
+      auto nb = h->NewBlock(BlockType::kXattr, MakeLockId(LockKind::kInode, 778), 0);
+      ASSERT_TRUE(nb.ok());
+      std::memset(nb->second + sizeof(BlockHeader), 0x55, 100);
+      b = nb->first;
+    }
+    ASSERT_TRUE(other.Sync().ok());
+    other_free = other.FreeBlocks();
+  }
+  ASSERT_NE(a, b);
+
+  // Reading costs one read (the block itself), none for the AG headers.
+  uint64_t reads = fault_->reads();
+  {
+    auto h = store_->Begin(true);
+    ASSERT_TRUE(h->Read(a, BlockType::kXattr, MakeLockId(LockKind::kInode, 777)).ok());
+  }
+  EXPECT_EQ(fault_->reads(), reads + 1);
+
+  // The count and the next allocation follow the disk, not what this store knew.
+  EXPECT_EQ(store_->FreeBlocks(), other_free);
+  uint64_t c = NewBlock(0x66);
+  EXPECT_NE(c, a);
+  EXPECT_NE(c, b);
+  EXPECT_EQ(store_->FreeBlocks(), other_free - 1);
+}
+
 TEST_F(MetaStoreTest, JournalWriteErrorStopsAllWriting) {
   NewBlock(1);
   fault_->FailNth(IoKind::kWrite, 1);

@@ -784,11 +784,9 @@ Result<Attr> Filesystem::GetAttr(uint64_t ino) {
 Result<FsStat> Filesystem::StatFs() {
   Gate gate(this, LockMode::kShared);
   AGFS_RETURN_IF_ERROR(gate.status());
-  // The counts are read again after the lock came back from another node.
-  { auto h = store_->Begin(true); }
   FsStat s;
   s.blocks = store_->TotalDataBlocks();
-  s.bfree = store_->FreeBlocks();
+  s.bfree = store_->FreeBlocks();  // reads the AG headers if the lock was away
   // Every free block can become an inode.
   s.files = s.blocks;
   s.ffree = s.bfree;
