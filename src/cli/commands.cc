@@ -168,6 +168,12 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
         return false;
       }
       mo->min_hold_ms = static_cast<uint32_t>(n);
+    } else if (key == "idle") {
+      if (!ParseSize(val, &n) || n > 10000000) {
+        *err = "idle= takes microseconds (0..10000000)";
+        return false;
+      }
+      mo->idle_release_us = static_cast<uint32_t>(n);
     } else if (key == "poll") {
       if (!ParseSize(val, &n) || n == 0 || n > 1000) {
         *err = "poll= takes milliseconds (1..1000)";

@@ -77,8 +77,8 @@ struct LockService::Impl {
     LockMode held = LockMode::kNone;
     LockMode wanted = LockMode::kNone;  // outstanding request (> held)
     bool req_sent = false;
-    uint64_t granted_ms = 0;
-    uint64_t last_used_ms = 0;  // when the last pin went
+    uint64_t granted_us = 0;
+    uint64_t last_used_us = 0;  // when the last pin went
     int pins = 0;
     int wait_s = 0, wait_x = 0;
     uint64_t grant_seq = 0;
@@ -180,7 +180,7 @@ struct LockService::Impl {
       // is what the hold time is for); after that it goes first, so the node that
       // asked is not starved by this node's own traffic.
       bool revoke_blocks = (c.revoke_pending && c.revoke_to < mode &&
-                            BootNowMs() >= c.granted_ms + o.min_hold_ms) ||
+                            BootNowUs() >= c.granted_us + uint64_t(o.min_hold_ms) * 1000) ||
                            c.revoking;
       if (enough && (!revoke_blocks || woken_by_grant) && !c.revoking) {
         if (woken_by_grant) c.unserved--;
@@ -212,7 +212,7 @@ struct LockService::Impl {
       c.wanted = LockMode::kNone;
       c.req_sent = false;
     }
-    c.granted_ms = BootNowMs();
+    c.granted_us = BootNowUs();
     c.grant_seq++;
     c.unserved = (c.held >= LockMode::kShared ? c.wait_s : 0) +
                  (c.held == LockMode::kExclusive ? c.wait_x : 0);
@@ -237,10 +237,11 @@ struct LockService::Impl {
 
   // A revoke may run when nobody on this node uses the lock, every waiter the last
   // grant woke has had its turn, and either the lock was held min_hold_ms or nobody
-  // used it for idle_release_ms (an idle holder need not make the requester wait out
+  // used it for idle_release_us (an idle holder need not make the requester wait out
   // the hold time meant for busy ones).
   uint64_t RevokeDue(const ClientLock& c) const {
-    return std::min(c.granted_ms + o.min_hold_ms, c.last_used_ms + o.idle_release_ms);
+    return std::min(c.granted_us + uint64_t(o.min_hold_ms) * 1000,
+                    c.last_used_us + o.idle_release_us);
   }
   bool RevokeReady(const ClientLock& c, uint64_t now) const {
     return c.revoke_pending && !c.revoking && c.pins == 0 && c.unserved == 0 &&
@@ -259,7 +260,7 @@ struct LockService::Impl {
         lk.lock();
         continue;
       }
-      uint64_t now = BootNowMs();
+      uint64_t now = BootNowUs();
       LockId ready = 0;
       bool found = false;
       uint64_t next_due = UINT64_MAX;
@@ -304,7 +305,7 @@ struct LockService::Impl {
         continue;
       }
       if (next_due != UINT64_MAX) {
-        worker_cv.wait_for(lk, std::chrono::milliseconds(std::max<uint64_t>(1, next_due - now)));
+        worker_cv.wait_for(lk, std::chrono::microseconds(std::max<uint64_t>(50, next_due - now)));
       } else {
         worker_cv.wait_for(lk, std::chrono::milliseconds(200));
       }
@@ -1089,7 +1090,7 @@ void LockService::Unpin(LockId id) {
   auto it = impl_->cl.find(id);
   if (it == impl_->cl.end() || it->second.pins == 0) return;
   if (--it->second.pins == 0) {
-    it->second.last_used_ms = BootNowMs();
+    it->second.last_used_us = BootNowUs();
     if (it->second.revoke_pending) impl_->worker_cv.notify_one();
   }
 }

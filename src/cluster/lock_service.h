@@ -11,7 +11,7 @@
 // - Revocation: the master asks a holder to go down to shared or none. The holder
 //   waits until the lock is unpinned and was held min_hold_ms since its grant (so a
 //   node that waited for a lock gets to use it: no ping-pong) or has not been used for
-//   idle_release_ms (an idle holder lets go at once), calls the revoke
+//   idle_release_us (an idle holder lets go at once), calls the revoke
 //   callback (flush and drop what the lock covers), then sends the release. While a
 //   revoke is pending, new pins that would conflict with it wait (no starvation of the
 //   requester by local users).
@@ -53,7 +53,10 @@ class LockService : public LockManager {
   struct Options {
     uint32_t poll_ms = 5;
     uint32_t min_hold_ms = 1;
-    uint32_t idle_release_ms = 2;  // a revoked lock unused this long goes before min_hold
+    // A revoked lock unused this long goes before min_hold. Short, because a holder
+    // that is done makes the requester wait this long; a busy node's calls follow one
+    // another far closer than this.
+    uint32_t idle_release_us = 500;
     std::string net_bind;  // "ip:port" for the network channel; empty = disk only
     RevokeFn on_revoke;    // may be empty (nothing cached)
     RecoverFn on_recover;  // may be empty (nothing to replay)

@@ -349,7 +349,7 @@ TEST(LockService, IdleHolderReleasesBeforeMinHold) {
   Cluster c;
   LockService::Options slow;
   slow.min_hold_ms = 600000;  // ten minutes: only idle release can end the hold
-  slow.idle_release_ms = 2;
+  slow.idle_release_us = 2000;
   auto a = c.Start(slow);
   auto b = c.Start();
   ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());

@@ -253,6 +253,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   LockService::Options lo;
   lo.poll_ms = opts.poll_ms;
   lo.min_hold_ms = opts.min_hold_ms;
+  lo.idle_release_us = opts.idle_release_us;
   lo.net_bind = opts.net_bind;
   Filesystem* f = fs.get();
   lo.on_revoke = [f](LockId id, LockMode to) -> Status {

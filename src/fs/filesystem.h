@@ -144,6 +144,8 @@ struct MountOptions {
   // before it yields to another node (an idle node yields at once), so that nodes
   // taking turns get work done between handovers.
   uint32_t min_hold_ms = 20;
+  // ... unless it has not used the lock for this long: then it yields at once.
+  uint32_t idle_release_us = 500;
   std::string net_bind;     // "ip:port" for the network hint channel; empty = disk only
   // The filesystem lock cannot be given up safely (its revoke failed): by default the
   // process exits (status 70) and survivors recover the node like a crashed one. Tests
