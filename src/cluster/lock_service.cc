@@ -71,6 +71,7 @@ struct LockService::Impl {
   bool fenced = false;
   bool lapsed = false;  // lease ran out, handshake pending: waiters fail, nothing is sent
   uint64_t last_warn_ms = 0;
+  uint64_t busy_until_ms = 0;  // poll every busy_poll_ms until then
   RevokeFn on_revoke;
 
   struct ClientLock {
@@ -154,6 +155,11 @@ struct LockService::Impl {
     poked = true;
     engine_cv.notify_one();
   }
+  // Locks are moving: a reply or a follow-up message is likely within milliseconds.
+  void Busy() { busy_until_ms = BootNowMs() + kBusyWindowMs; }
+  uint32_t PollMs() const {
+    return BootNowMs() < busy_until_ms ? std::min(o.busy_poll_ms, o.poll_ms) : o.poll_ms;
+  }
 
   // ---------------------------------------------------------------- client side
   Status LockLocked(std::unique_lock<std::mutex>& lk, LockId id, LockMode mode) {
@@ -193,6 +199,7 @@ struct LockService::Impl {
       if (!enough && c.wanted < mode) {
         c.wanted = mode;
         c.req_sent = false;
+        Busy();
         to_request.insert(id);
         Poke();
       }
@@ -206,6 +213,7 @@ struct LockService::Impl {
   }
 
   void ApplyGrant(LockId id, LockMode mode) {
+    Busy();
     ClientLock& c = cl[id];
     if (mode > c.held) c.held = mode;
     if (c.wanted <= c.held) {
@@ -221,6 +229,7 @@ struct LockService::Impl {
   }
 
   void ApplyRevoke(LockId id, LockMode to) {
+    Busy();
     stats.revokes_received++;
     ClientLock& c = cl[id];
     if (c.held <= to && !c.revoking) {
@@ -478,6 +487,7 @@ struct LockService::Impl {
   }
 
   void MasterHandle(uint32_t from, const Msg& msg) {
+    Busy();
     LockMode mode = LockMode(msg.mode);
     switch (msg.op) {
       case kMsgRequest: {
@@ -962,7 +972,7 @@ struct LockService::Impl {
     while (true) {
       {
         std::unique_lock<std::mutex> lk(mu);
-        if (!poked) engine_cv.wait_for(lk, std::chrono::milliseconds(o.poll_ms));
+        if (!poked) engine_cv.wait_for(lk, std::chrono::milliseconds(PollMs()));
         poked = false;
         if (stopping) return;
         if (m->State() == Membership::SelfState::kFenced && !fenced) {

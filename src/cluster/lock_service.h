@@ -24,7 +24,10 @@
 // - Master: elected by DiskPaxos when there is none or it is dead. Any node may be
 //   master; the master is also an ordinary client of itself.
 // - Network: with a NetChannel, every appended message batch is followed by a wake-up
-//   datagram to its receiver; without, receivers poll every poll_ms.
+//   datagram to its receiver; without, receivers poll every poll_ms, and every
+//   busy_poll_ms for kBusyWindowMs after this node last sent, received or waited for
+//   a lock message (a handover takes four hops through the rings; polling fast only
+//   while locks move keeps an idle cluster at poll_ms).
 // - Fencing: when Membership fences this node, every waiter and every later Lock
 //   returns kFenced, held locks count as lost (no callback: nothing may be written).
 // - If the revoke callback fails, the lock cannot be released safely: the node calls
@@ -50,8 +53,10 @@ namespace agorafs {
 class LockService : public LockManager {
  public:
   using RecoverFn = std::function<Status(uint32_t slot, uint64_t generation)>;
+  static constexpr uint32_t kBusyWindowMs = 200;
   struct Options {
     uint32_t poll_ms = 5;
+    uint32_t busy_poll_ms = 1;  // while locks move; never slower than poll_ms
     uint32_t min_hold_ms = 1;
     // A revoked lock unused this long goes before min_hold. Short, because a holder
     // that is done makes the requester wait this long; a busy node's calls follow one
