@@ -148,8 +148,8 @@ class Membership {
   std::unique_ptr<Impl> impl_;
 };
 
-// Passes reads through; refuses writes and flushes with kFenced unless the lease is
-// valid at the instant of the call. Owned by Membership.
+// Passes reads through; refuses writes, write batches and flushes with kFenced unless
+// the lease is valid at the instant of the call. Owned by Membership.
 class GuardedDevice : public BlockDevice {
  public:
   GuardedDevice(BlockDevice* inner, const Membership* m) : inner_(inner), m_(m) {}
@@ -157,6 +157,11 @@ class GuardedDevice : public BlockDevice {
   Status Write(uint64_t off, const void* buf, size_t len) override {
     if (Status st = m_->CheckWrite(); !st.ok()) return st;
     return inner_->Write(off, buf, len);
+  }
+  // One check for the whole batch: it is submitted at the instant of the call.
+  Status WriteBatch(const WriteOp* ops, size_t n) override {
+    if (Status st = m_->CheckWrite(); !st.ok()) return st;
+    return inner_->WriteBatch(ops, n);
   }
   Status Flush() override {
     if (Status st = m_->CheckWrite(); !st.ok()) return st;

@@ -10,6 +10,13 @@
 //   later Flush() returns OK (or when the device was opened with durable writes).
 //   Flush orders nothing by itself: the journal issues write, Flush, write, Flush.
 // - Reading beyond Size() is kInvalid.
+// - WriteBatch(ops, n) writes several non-overlapping ranges as if each were a Write
+//   issued concurrently: in no defined order among themselves. It returns once every
+//   one has finished (never with an op still in flight); OK when all were accepted,
+//   else the first error, some of the others possibly written. An op that breaks the
+//   rules above fails the whole batch with kInvalid before any op is written. The
+//   default issues them one after another; FileDevice submits them together through
+//   io_uring.
 // - Thread-safety: every method may be called from any thread concurrently; writes
 //   to overlapping ranges from different threads have no defined order.
 // - Implementations: FileDevice (file or block device, O_DIRECT), MemDevice (RAM,
@@ -32,12 +39,20 @@ namespace agorafs {
 inline constexpr size_t kSectorSize = 512;
 inline constexpr size_t kIoAlign = 4096;
 
+// One range of a WriteBatch.
+struct WriteOp {
+  uint64_t offset;
+  const void* buf;
+  size_t len;
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
 
   virtual Status Read(uint64_t offset, void* buf, size_t len) = 0;
   virtual Status Write(uint64_t offset, const void* buf, size_t len) = 0;
+  virtual Status WriteBatch(const WriteOp* ops, size_t n);
   virtual Status Flush() = 0;
   virtual uint64_t Size() const = 0;
   // A short description for messages: the path or URI.
@@ -55,6 +70,16 @@ inline Status CheckIo(uint64_t offset, const void* buf, size_t len, uint64_t siz
     return Err(Code::kInvalid, "I/O beyond end of device at offset " +
                                    std::to_string(offset) + " (" + std::to_string(len) +
                                    " bytes, device " + std::to_string(size) + " bytes)");
+  }
+  return Status::Ok();
+}
+
+inline Status BlockDevice::WriteBatch(const WriteOp* ops, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    AGFS_RETURN_IF_ERROR(CheckIo(ops[i].offset, ops[i].buf, ops[i].len, Size()));
+  }
+  for (size_t i = 0; i < n; i++) {
+    AGFS_RETURN_IF_ERROR(Write(ops[i].offset, ops[i].buf, ops[i].len));
   }
   return Status::Ok();
 }
