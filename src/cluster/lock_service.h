@@ -24,10 +24,10 @@
 // - Master: elected by DiskPaxos when there is none or it is dead. Any node may be
 //   master; the master is also an ordinary client of itself.
 // - Network: with a NetChannel, every appended message batch is followed by a wake-up
-//   datagram to its receiver; without, receivers poll every poll_ms, and every
-//   busy_poll_ms for kBusyWindowMs after this node last sent, received or waited for
-//   a lock message (a handover takes four hops through the rings; polling fast only
-//   while locks move keeps an idle cluster at poll_ms).
+//   datagram to its receiver; receivers poll every poll_ms. A node without the channel
+//   polls every busy_poll_ms for kBusyWindowMs after it last sent, received or waited
+//   for a lock message (a handover takes four hops through the rings; polling fast
+//   only while locks move keeps an idle cluster at poll_ms).
 // - Fencing: when Membership fences this node, every waiter and every later Lock
 //   returns kFenced, held locks count as lost (no callback: nothing may be written).
 // - If the revoke callback fails, the lock cannot be released safely: the node calls
