@@ -79,6 +79,10 @@ class FileDevice final : public BlockDevice {
     }
     if (read_only_ && n > 0) return Err(Code::kReadOnly, path_ + ": device opened read-only");
     if (n == 1) return WriteAll(ops[0].offset, ops[0].buf, ops[0].len);
+    for (size_t i = 0; i < n; i++) {
+      // An io_uring write takes a 32-bit length.
+      if (ops[i].len > kMaxRingWrite) return BlockDevice::WriteBatch(ops, n);
+    }
     std::lock_guard<std::mutex> g(ring_mu_);
     if (!RingReadyLocked()) return BlockDevice::WriteBatch(ops, n);
     return RingWriteLocked(ops, n);
@@ -97,6 +101,7 @@ class FileDevice final : public BlockDevice {
 
  private:
   static constexpr unsigned kRingDepth = 64;
+  static constexpr size_t kMaxRingWrite = size_t(1) << 30;
   enum class RingState { kUnset, kReady, kUnavailable };
 
   // pwrite until every byte moved.
