@@ -602,38 +602,10 @@ Status MetaStore::CheckpointInternal() {
   for (auto& c : committed_) {
     for (auto& [blk, buf] : c.blocks) latest[blk] = buf.get();
   }
-  // Write home in runs of contiguous blocks, up to kStage blocks at a time staged in
-  // one buffer and handed to the device as one batch (FileDevice submits the runs
-  // together). The buffer is no larger than the blocks to write: a revoke usually
-  // writes a handful, and a 1 MiB buffer is mapped and zeroed afresh every time (3 ms
-  // of page faults on the development VM, more than the rest of a lock handover).
-  constexpr size_t kStage = 256;
-  AlignedBuffer stage(std::min(kStage, latest.size()) * kBlockSize);
-  if (!stage.valid()) {
-    std::lock_guard<std::mutex> g(mu_);
-    failed_ = Err(Code::kNoMemory, "no memory to write metadata home; node stops writing");
-    return failed_;
-  }
-  std::vector<WriteOp> runs;
-  auto it = latest.begin();
-  Status st;
-  while (it != latest.end() && st.ok()) {
-    runs.clear();
-    size_t used = 0;  // blocks staged in this batch
-    while (it != latest.end() && used < kStage) {
-      const uint64_t start = it->first;
-      uint8_t* dst = stage.data() + used * kBlockSize;
-      size_t n = 0;
-      while (it != latest.end() && it->first == start + n && used < kStage) {
-        std::memcpy(dst + n * kBlockSize, it->second->data(), kBlockSize);
-        ++it;
-        n++;
-        used++;
-      }
-      runs.push_back(WriteOp{start * kBlockSize, dst, n * kBlockSize});
-    }
-    st = dev_->WriteBatch(runs.data(), runs.size());
-  }
+  std::vector<JournalBlock> home;
+  home.reserve(latest.size());
+  for (auto& [blk, buf] : latest) home.push_back(JournalBlock{blk, buf->data()});
+  Status st = WriteHome(dev_, home);
   if (st.ok()) st = dev_->Flush();
   uint64_t last = committed_.back().seq;
   if (st.ok()) st = journal_->Checkpoint(last);

@@ -5,7 +5,9 @@
 #include <time.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "util/hash.h"
 
@@ -144,6 +146,35 @@ Status Journal::WriteLog(uint32_t pos, const uint8_t* buf, uint32_t n) {
     buf += size_t(run) * kBlockSize;
     n -= run;
     pos = (pos + run) % capacity_;
+  }
+  return Status::Ok();
+}
+
+Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks) {
+  // The staging buffer is no larger than the blocks to write: a lock handover's
+  // checkpoint writes a handful, and a 1 MiB buffer is mapped and zeroed afresh every
+  // time (3 ms of page faults on the development VM, more than the rest of a handover).
+  constexpr size_t kStage = 256;
+  AlignedBuffer stage(std::min(kStage, blocks.size()) * kBlockSize);
+  if (!stage.valid()) return Err(Code::kNoMemory, "no memory to write metadata home");
+  std::vector<WriteOp> runs;
+  size_t k = 0;
+  while (k < blocks.size()) {
+    runs.clear();
+    size_t used = 0;  // blocks staged in this batch
+    while (k < blocks.size() && used < kStage) {
+      const uint64_t start = blocks[k].home;
+      uint8_t* dst = stage.data() + used * kBlockSize;
+      size_t n = 0;
+      while (k < blocks.size() && blocks[k].home == start + n && used < kStage) {
+        std::memcpy(dst + n * kBlockSize, blocks[k].data, kBlockSize);
+        k++;
+        n++;
+        used++;
+      }
+      runs.push_back(WriteOp{start * kBlockSize, dst, n * kBlockSize});
+    }
+    AGFS_RETURN_IF_ERROR(dev->WriteBatch(runs.data(), runs.size()));
   }
   return Status::Ok();
 }

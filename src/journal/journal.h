@@ -60,6 +60,12 @@ struct JournalBlock {
   const uint8_t* data;  // kBlockSize bytes, already sealed by the caller
 };
 
+// Writes `blocks` (sorted by home, each home once) to their home addresses: runs of
+// consecutive homes, staged up to 256 blocks at a time, each stage one WriteBatch
+// (FileDevice submits it through io_uring). Returns once every write finished; does
+// not flush. What a checkpoint and a replay both do.
+Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks);
+
 struct ReplayStats {
   uint64_t transactions = 0;  // transactions applied
   uint64_t blocks = 0;        // data blocks written home

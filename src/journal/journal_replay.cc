@@ -82,7 +82,7 @@ Result<bool> Journal::ReadTxn(uint32_t pos, uint64_t seq, uint32_t budget, TxnIm
 }
 
 // Writes the transaction home: sorted by address, the last copy of a repeated home
-// wins, one Write per run of consecutive addresses.
+// wins, runs of consecutive addresses batched by WriteHome.
 Status Journal::ApplyTxn(const TxnImage& t) {
   std::vector<size_t> order(t.homes.size());
   std::iota(order.begin(), order.end(), 0);
@@ -96,20 +96,11 @@ Status Journal::ApplyTxn(const TxnImage& t) {
       last.push_back(i);
     }
   }
-  AlignedBuffer staging(last.size() * kBlockSize);
-  if (!staging.valid()) return Err(Code::kNoMemory, Where() + ": replay staging buffer");
-  for (size_t k = 0; k < last.size(); k++) {
-    std::memcpy(staging.data() + k * kBlockSize, t.Data(last[k]), kBlockSize);
-  }
-  size_t run = 0;
-  for (size_t k = 1; k <= last.size(); k++) {
-    if (k < last.size() && t.homes[last[k]] == t.homes[last[k - 1]] + 1) continue;
-    const uint64_t home = t.homes[last[run]];
-    Status s = dev_->Write(home * kBlockSize, staging.data() + run * kBlockSize,
-                           (k - run) * kBlockSize);
-    if (!s.ok()) return Err(s.code(), "replay to block " + std::to_string(home) + ": " + s.message());
-    run = k;
-  }
+  std::vector<JournalBlock> home;
+  home.reserve(last.size());
+  for (size_t i : last) home.push_back(JournalBlock{t.homes[i], t.Data(i)});
+  Status s = WriteHome(dev_, home);
+  if (!s.ok()) return Err(s.code(), Where() + ": replay: " + s.message());
   return Status::Ok();
 }
 

@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <random>
+#include <vector>
 
 #include "device/fault_device.h"
 #include "device/mem_device.h"
@@ -117,6 +119,37 @@ TEST(JournalTest, BlocksNeeded) {
   EXPECT_EQ(Journal::BlocksNeeded(1), 3u);
   EXPECT_EQ(Journal::BlocksNeeded(kDescEntries), kDescEntries + 2);
   EXPECT_EQ(Journal::BlocksNeeded(kDescEntries + 1), kDescEntries + 4);
+}
+
+// Runs of 1 to 7 blocks with gaps, 600 blocks in all: more than one 256-block stage,
+// with a run cut by the stage boundary.
+TEST(JournalTest, WriteHomeWritesEveryBlockAndNothingElse) {
+  MemDevice mem(uint64_t(16) << 20);
+  std::vector<AlignedBuffer> data;
+  std::vector<JournalBlock> blocks;
+  uint64_t home = 100;
+  for (size_t run = 1; blocks.size() < 600; run = run % 7 + 1) {
+    for (size_t k = 0; k < run && blocks.size() < 600; k++) {
+      AlignedBuffer b(kBlockSize);
+      std::memset(b.data(), int(blocks.size() % 251) + 1, kBlockSize);
+      blocks.push_back(JournalBlock{home++, b.data()});
+      data.push_back(std::move(b));
+    }
+    home += 2;  // a gap of two blocks
+  }
+  ASSERT_TRUE(WriteHome(&mem, blocks).ok());
+  AlignedBuffer r(kBlockSize);
+  size_t next = 0;
+  for (uint64_t blk = 100; blk < home; blk++) {
+    ASSERT_TRUE(mem.Read(blk * kBlockSize, r.data(), kBlockSize).ok());
+    const bool written = next < blocks.size() && blocks[next].home == blk;
+    const uint8_t want = written ? uint8_t(next % 251 + 1) : 0;
+    for (size_t i = 0; i < kBlockSize; i++) {
+      ASSERT_EQ(r.data()[i], want) << "block " << blk;
+    }
+    if (written) next++;
+  }
+  EXPECT_EQ(next, blocks.size());
 }
 
 TEST(JournalTest, CommitThenReplayWritesHome) {
