@@ -74,10 +74,16 @@ inline Status CheckIo(uint64_t offset, const void* buf, size_t len, uint64_t siz
   return Status::Ok();
 }
 
-inline Status BlockDevice::WriteBatch(const WriteOp* ops, size_t n) {
+// CheckIo for every op of a batch.
+inline Status CheckBatch(const WriteOp* ops, size_t n, uint64_t size) {
   for (size_t i = 0; i < n; i++) {
-    AGFS_RETURN_IF_ERROR(CheckIo(ops[i].offset, ops[i].buf, ops[i].len, Size()));
+    AGFS_RETURN_IF_ERROR(CheckIo(ops[i].offset, ops[i].buf, ops[i].len, size));
   }
+  return Status::Ok();
+}
+
+inline Status BlockDevice::WriteBatch(const WriteOp* ops, size_t n) {
+  AGFS_RETURN_IF_ERROR(CheckBatch(ops, n, Size()));
   for (size_t i = 0; i < n; i++) {
     AGFS_RETURN_IF_ERROR(Write(ops[i].offset, ops[i].buf, ops[i].len));
   }

@@ -74,9 +74,7 @@ class FileDevice final : public BlockDevice {
   }
 
   Status WriteBatch(const WriteOp* ops, size_t n) override {
-    for (size_t i = 0; i < n; i++) {
-      AGFS_RETURN_IF_ERROR(CheckIo(ops[i].offset, ops[i].buf, ops[i].len, size_));
-    }
+    AGFS_RETURN_IF_ERROR(CheckBatch(ops, n, size_));
     if (read_only_ && n > 0) return Err(Code::kReadOnly, path_ + ": device opened read-only");
     if (n == 1) return WriteAll(ops[0].offset, ops[0].buf, ops[0].len);
     for (size_t i = 0; i < n; i++) {
@@ -135,17 +133,19 @@ class FileDevice final : public BlockDevice {
   }
 
   // Keeps up to kRingDepth writes in flight until all of ops are done. A write the
-  // kernel completed short or with EINTR/EAGAIN is finished with pwrite. Returns only
-  // once nothing is in flight: the caller's buffers are free to go.
+  // kernel completed short or with EINTR/EAGAIN is finished with pwrite. If the ring
+  // fails, what is in flight is still reaped, the ring is dropped (with whatever it
+  // holds unsubmitted) and the rest is written one at a time, from then on too.
+  // Returns only once nothing is in flight: the caller's buffers are free to go.
   Status RingWriteLocked(const WriteOp* ops, size_t n) {
     Status result;
-    size_t next = 0;           // first op not yet queued
-    unsigned queued = 0;       // queued in the submission ring, not yet submitted
-    unsigned inflight = 0;     // submitted, completion not yet reaped
-    bool broken = false;       // the ring failed: finish with pwrite
+    size_t next = 0;        // first op not yet queued
+    unsigned queued = 0;    // queued in the submission ring, not yet submitted
+    unsigned inflight = 0;  // submitted, completion not yet reaped
+    bool broken = false;    // the ring failed: submit nothing more
     std::vector<bool> done(n, false);
-    while (!broken && (next < n || queued > 0 || inflight > 0)) {
-      while (next < n && queued + inflight < kRingDepth) {
+    while (inflight > 0 || (!broken && (next < n || queued > 0))) {
+      while (!broken && next < n && queued + inflight < kRingDepth) {
         io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
         if (sqe == nullptr) break;
         io_uring_prep_write(sqe, fd_, ops[next].buf, static_cast<unsigned>(ops[next].len),
@@ -154,7 +154,7 @@ class FileDevice final : public BlockDevice {
         next++;
         queued++;
       }
-      if (queued > 0) {
+      if (!broken && queued > 0) {
         int r = io_uring_submit(&ring_);
         if (r > 0) {
           queued -= static_cast<unsigned>(r);
@@ -164,7 +164,6 @@ class FileDevice final : public BlockDevice {
           spdlog::warn("{}: io_uring submit failed ({}); writing one at a time", path_,
                        r < 0 ? ErrnoText(-r) : std::string("nothing submitted"));
           broken = true;
-          break;
         }
       }
       if (inflight == 0) continue;
@@ -182,21 +181,7 @@ class FileDevice final : public BlockDevice {
       io_uring_for_each_cqe(&ring_, head, cqe) {
         seen++;
         const size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
-        const int res = cqe->res;
-        Status st;
-        if (res == static_cast<int>(ops[i].len)) {
-          // written whole
-        } else if (res == -EINTR || res == -EAGAIN) {
-          st = WriteAll(ops[i].offset, ops[i].buf, ops[i].len);
-        } else if (res < 0) {
-          st = IoErr("write", ops[i].offset, ops[i].len, ErrnoText(-res));
-        } else if (res == 0) {
-          st = IoErr("write", ops[i].offset, ops[i].len, "short write");
-        } else {
-          const size_t did = static_cast<size_t>(res);
-          st = WriteAll(ops[i].offset + did, static_cast<const uint8_t*>(ops[i].buf) + did,
-                        ops[i].len - did);
-        }
+        Status st = FinishRingWrite(ops[i], cqe->res);
         done[i] = true;
         if (!st.ok() && result.ok()) result = st;
       }
@@ -204,22 +189,6 @@ class FileDevice final : public BlockDevice {
       inflight -= seen;
     }
     if (broken) {
-      // Drain what is in flight, drop the ring (with whatever it holds unsubmitted),
-      // and write what is left one at a time from now on.
-      while (inflight > 0) {
-        io_uring_cqe* cqe = nullptr;
-        int r = io_uring_wait_cqe(&ring_, &cqe);
-        if (r < 0) continue;
-        const size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
-        if (cqe->res != static_cast<int>(ops[i].len)) {
-          Status st = IoErr("write", ops[i].offset, ops[i].len,
-                            cqe->res < 0 ? ErrnoText(-cqe->res) : "short write");
-          if (result.ok()) result = st;
-        }
-        done[i] = true;
-        io_uring_cqe_seen(&ring_, cqe);
-        inflight--;
-      }
       io_uring_queue_exit(&ring_);
       ring_state_ = RingState::kUnavailable;
       for (size_t i = 0; i < n; i++) {
@@ -229,6 +198,16 @@ class FileDevice final : public BlockDevice {
       }
     }
     return result;
+  }
+
+  // Finishes one completed ring write whose result was `res`.
+  Status FinishRingWrite(const WriteOp& op, int res) {
+    if (res == static_cast<int>(op.len)) return Status::Ok();
+    if (res == -EINTR || res == -EAGAIN) return WriteAll(op.offset, op.buf, op.len);
+    if (res < 0) return IoErr("write", op.offset, op.len, ErrnoText(-res));
+    if (res == 0) return IoErr("write", op.offset, op.len, "short write");
+    const size_t did = static_cast<size_t>(res);
+    return WriteAll(op.offset + did, static_cast<const uint8_t*>(op.buf) + did, op.len - did);
   }
 
   Status IoErr(const char* op, uint64_t off, size_t len, const std::string& why) const {
