@@ -43,11 +43,17 @@ class TempPath {
 
 // ---------------------------------------------------------------- FileDevice
 
-TEST(FileDeviceTest, RoundTripWithDirectIo) {
-  TempPath tmp;
+// Options that create the file at `size` bytes if it is missing or smaller.
+OpenOptions Creating(uint64_t size) {
   OpenOptions o;
   o.create = true;
-  o.create_size = 1 << 20;
+  o.create_size = size;
+  return o;
+}
+
+TEST(FileDeviceTest, RoundTripWithDirectIo) {
+  TempPath tmp;
+  OpenOptions o = Creating(1 << 20);
   auto dev = OpenFileDevice(tmp.path(), o);
   ASSERT_TRUE(dev.ok()) << dev.status().ToString();
   EXPECT_EQ((*dev)->Size(), 1u << 20);
@@ -79,9 +85,7 @@ TEST(FileDeviceTest, RoundTripWithDirectIo) {
 
 TEST(FileDeviceTest, UnalignedAndOutOfRangeIoIsInvalid) {
   TempPath tmp;
-  OpenOptions o;
-  o.create = true;
-  o.create_size = 64 * 1024;
+  OpenOptions o = Creating(64 * 1024);
   auto dev = OpenFileDevice(tmp.path(), o);
   ASSERT_TRUE(dev.ok()) << dev.status().ToString();
   AlignedBuffer b(8192);
@@ -131,9 +135,7 @@ void CheckWriteBatch(BlockDevice* dev) {
 
 TEST(FileDeviceTest, WriteBatchWritesEveryRange) {
   TempPath tmp;
-  OpenOptions o;
-  o.create = true;
-  o.create_size = 4 << 20;
+  OpenOptions o = Creating(4 << 20);
   auto dev = OpenFileDevice(tmp.path(), o);
   ASSERT_TRUE(dev.ok()) << dev.status().ToString();
   CheckWriteBatch(dev->get());
@@ -162,9 +164,7 @@ TEST(FileDeviceTest, MissingPathIsNotFound) {
 
 TEST(FileDeviceTest, ExistingFileIsNotShrunkByCreate) {
   TempPath tmp;
-  OpenOptions o;
-  o.create = true;
-  o.create_size = 128 * 1024;
+  OpenOptions o = Creating(128 * 1024);
   ASSERT_TRUE(OpenFileDevice(tmp.path(), o).ok());
   o.create_size = 64 * 1024;
   auto dev = OpenFileDevice(tmp.path(), o);
