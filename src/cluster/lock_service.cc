@@ -87,6 +87,11 @@ struct LockService::Impl {
     bool revoke_pending = false;
     LockMode revoke_to = LockMode::kNone;
     bool revoking = false;
+    // Whether an exclusive Lock succeeded since the node last held nothing, and
+    // whether that was so when it last went down to nothing: then a shared request
+    // from nothing asks for exclusive at once (see LockLocked).
+    bool used_exclusive = false;
+    bool ask_exclusive = false;
   };
   std::unordered_map<LockId, ClientLock> cl;
   // Indexes into cl so the engine and the worker never scan every cached lock.
@@ -196,12 +201,23 @@ struct LockService::Impl {
         if (woken_by_grant) c.unserved--;
         stop_wait(c);
         c.pins++;
+        if (mode == LockMode::kExclusive) c.used_exclusive = true;
         if (first) stats.cached_hits++;
         return Status::Ok();
       }
       first = false;
       if (!enough && c.wanted < mode) {
-        c.wanted = mode;
+        // A node whose last hold wrote asks for exclusive even when this caller needs
+        // only shared: a node that writes looks a name up first (shared) and then
+        // creates (exclusive), and the shared grant would cost the holder a second
+        // revoke, to nothing, a moment later. A hold that only reads asks shared again
+        // the next time.
+        LockMode ask = mode;
+        if (mode == LockMode::kShared && c.held == LockMode::kNone && c.ask_exclusive) {
+          ask = LockMode::kExclusive;
+          stats.exclusive_for_shared++;
+        }
+        c.wanted = ask;
         c.req_sent = false;
         Busy();
         to_request.insert(id);
@@ -309,6 +325,10 @@ struct LockService::Impl {
           continue;
         }
         if (c2.held > to) c2.held = to;
+        if (c2.held == LockMode::kNone) {
+          c2.ask_exclusive = c2.used_exclusive;
+          c2.used_exclusive = false;
+        }
         c2.revoke_pending = false;
         revoke_set.erase(ready);
         to_master.push_back(MakeMsg(kMsgRelease, ready, c2.held, 0, 0));

@@ -8,6 +8,9 @@
 //   this node lost its lease, kAborted when the service stops. Callers must not wait
 //   for an upgrade (shared -> exclusive) while pinning the lock shared: unpin first.
 //   Locks held together must be taken in one global order (the caller's ordering).
+//   A shared Lock may be granted exclusive: when the node last went down to nothing
+//   from a hold in which it took the lock exclusively, it asks for exclusive at once
+//   (a writer's lookup would otherwise cost the holder two revokes).
 // - Revocation: the master asks a holder to go down to shared or none. The holder
 //   waits until the lock is unpinned and was held min_hold_ms since its grant (so a
 //   node that waited for a lock gets to use it: no ping-pong) or has not been used for
@@ -70,6 +73,7 @@ class LockService : public LockManager {
   struct Stats {
     uint64_t lock_calls = 0, cached_hits = 0, requests_sent = 0, grants = 0;
     uint64_t revokes_received = 0, releases_sent = 0, elections = 0, epoch = 0;
+    uint64_t exclusive_for_shared = 0;  // shared Lock calls that asked for exclusive
     uint32_t master_slot = kNoSlot;
     bool is_master = false;
     uint64_t recoveries = 0;

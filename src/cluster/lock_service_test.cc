@@ -369,6 +369,36 @@ TEST(LockService, IdleHolderReleasesBeforeMinHold) {
   EXPECT_EQ(a->revokes.load(), 1);
 }
 
+// A node whose last hold wrote asks for exclusive when it next wants the lock shared,
+// so a writer's lookup does not cost the other node two revokes; a hold that only
+// read goes back to asking shared, so readers share again.
+TEST(LockService, NodeThatWroteAsksExclusiveForItsNextSharedUse) {
+  Cluster c;
+  auto a = c.Start();
+  auto b = c.Start();
+  auto take = [](Node* n, LockMode m) {
+    ASSERT_TRUE(n->ls->Lock(kL1, m).ok());
+    n->ls->Unpin(kL1);
+  };
+  // a writes; b's exclusive takes the lock from it, down to nothing.
+  take(a.get(), LockMode::kExclusive);
+  take(b.get(), LockMode::kExclusive);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kNone);
+  // a looks up (shared) and is given exclusive: b goes down to nothing at once.
+  take(a.get(), LockMode::kShared);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kExclusive);
+  EXPECT_EQ(b->ls->Held(kL1), LockMode::kNone);
+  EXPECT_EQ(a->ls->stats().exclusive_for_shared, 1u);
+  // That hold only read. b's exclusive empties it again, and a's next shared request
+  // is shared: b keeps the lock shared beside it.
+  take(b.get(), LockMode::kExclusive);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kNone);
+  take(a.get(), LockMode::kShared);
+  EXPECT_EQ(a->ls->stats().exclusive_for_shared, 1u) << "a read-only hold asked exclusive again";
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kShared);
+  EXPECT_EQ(b->ls->Held(kL1), LockMode::kShared);
+}
+
 TEST(LockService, ExclusiveWaiterIsNotStarvedBySharedStream) {
   Cluster c;
   auto a = c.Start();
