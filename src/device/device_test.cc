@@ -5,24 +5,12 @@
 #include <vector>
 
 #include "device/block_device.h"
+#include "device/device_test_util.h"
 #include "device/fault_device.h"
 #include "device/mem_device.h"
 
 namespace agorafs {
 namespace {
-
-AlignedBuffer Filled(size_t len, uint8_t v) {
-  AlignedBuffer b(len);
-  std::memset(b.data(), v, len);
-  return b;
-}
-
-bool AllBytes(const uint8_t* p, size_t len, uint8_t v) {
-  for (size_t i = 0; i < len; i++) {
-    if (p[i] != v) return false;
-  }
-  return true;
-}
 
 class TempPath {
  public:
@@ -97,40 +85,6 @@ TEST(FileDeviceTest, UnalignedAndOutOfRangeIoIsInvalid) {
   Status s = (*dev)->Read(60 * 1024, b.data(), 8192);                      // straddles end
   EXPECT_TRUE(s.Is(Code::kInvalid));
   EXPECT_NE(s.message().find("61440"), std::string::npos) << s.ToString();
-}
-
-// A batch larger than the ring (64) with runs of one and two blocks, scattered with
-// gaps between them; then the checks that refuse a batch before writing any of it.
-void CheckWriteBatch(BlockDevice* dev) {
-  constexpr size_t kOps = 150;
-  std::vector<AlignedBuffer> bufs;
-  std::vector<WriteOp> ops;
-  for (size_t k = 0; k < kOps; k++) {
-    const size_t len = (k % 3 == 0 ? 2 : 1) * 4096;
-    bufs.push_back(Filled(len, uint8_t(k + 1)));
-    // Op k lives in slot (k * 37) % kOps of 3 blocks each: out of order, never touching.
-    ops.push_back(WriteOp{uint64_t((k * 37) % kOps) * 3 * 4096, bufs.back().data(), len});
-  }
-  ASSERT_TRUE(dev->WriteBatch(ops.data(), ops.size()).ok());
-  AlignedBuffer r(3 * 4096);
-  for (size_t k = 0; k < kOps; k++) {
-    ASSERT_TRUE(dev->Read(ops[k].offset, r.data(), r.size()).ok());
-    EXPECT_TRUE(AllBytes(r.data(), ops[k].len, uint8_t(k + 1))) << "op " << k;
-    EXPECT_TRUE(AllBytes(r.data() + ops[k].len, r.size() - ops[k].len, 0)) << "after op " << k;
-  }
-
-  // One bad op refuses the whole batch; the good ones before it are not written.
-  AlignedBuffer b = Filled(4096, 0xEE);
-  const uint64_t free_off = kOps * 3 * 4096;
-  std::vector<WriteOp> bad = {{free_off, b.data(), 4096},
-                              {free_off + 4096, b.data(), 100},
-                              {free_off + 8192, b.data(), 4096}};
-  EXPECT_TRUE(dev->WriteBatch(bad.data(), bad.size()).Is(Code::kInvalid));
-  bad[1] = WriteOp{dev->Size(), b.data(), 4096};  // past the end
-  EXPECT_TRUE(dev->WriteBatch(bad.data(), bad.size()).Is(Code::kInvalid));
-  ASSERT_TRUE(dev->Read(free_off, r.data(), r.size()).ok());
-  EXPECT_TRUE(AllBytes(r.data(), r.size(), 0));
-  EXPECT_TRUE(dev->WriteBatch(nullptr, 0).ok());
 }
 
 TEST(FileDeviceTest, WriteBatchWritesEveryRange) {

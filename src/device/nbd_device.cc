@@ -1,8 +1,9 @@
 // NbdDevice: BlockDevice over an NBD export (see nbd_device.h for the contract).
 //
-// Each request runs on one pooled libnbd handle as an aio command followed by
-// nbd_poll until it completes; that is what nbd_pread/nbd_pwrite/nbd_flush do
-// internally, written out so that a per-request timeout is possible.
+// Each request runs on one pooled libnbd handle as aio commands followed by nbd_poll
+// until they complete; that is what nbd_pread/nbd_pwrite/nbd_flush do internally,
+// written out so that a per-request timeout is possible and so that a WriteBatch
+// keeps up to kMaxInFlight writes in flight on its handle.
 #include "device/nbd_device.h"
 
 #include <libnbd.h>
@@ -21,6 +22,7 @@ namespace agorafs {
 namespace {
 
 constexpr uint64_t kMaxRequest = 32u << 20;
+constexpr size_t kMaxInFlight = 64;  // commands one WriteBatch keeps in flight
 
 struct NbdError {
   std::string msg;
@@ -73,19 +75,31 @@ class NbdDevice final : public BlockDevice {
   }
 
   Status Write(uint64_t offset, const void* buf, size_t len) override {
-    AGFS_RETURN_IF_ERROR(CheckIo(offset, buf, len, size_));
+    WriteOp op{offset, buf, len};
+    return WriteBatch(&op, 1);
+  }
+
+  // Every op is split at max_request_ and the pieces go out together on one handle.
+  Status WriteBatch(const WriteOp* ops, size_t n) override {
+    AGFS_RETURN_IF_ERROR(CheckBatch(ops, n, size_));
     if (read_only_) return Err(Code::kReadOnly, uri_ + ": device opened read-only");
-    const auto* p = static_cast<const uint8_t*>(buf);
-    const uint32_t flags = use_fua_ ? LIBNBD_CMD_FLAG_FUA : 0;
-    for (size_t done = 0; done < len;) {
-      size_t n = static_cast<size_t>(std::min<uint64_t>(len - done, max_request_));
-      uint64_t off = offset + done;
-      AGFS_RETURN_IF_ERROR(Run("write", off, n, [&](nbd_handle* h) {
-        return nbd_aio_pwrite(h, p + done, n, off, nbd_completion_callback{}, flags);
-      }));
-      done += n;
+    std::vector<WriteOp> pieces;
+    for (size_t i = 0; i < n; i++) {
+      const auto* p = static_cast<const uint8_t*>(ops[i].buf);
+      for (size_t done = 0; done < ops[i].len;) {
+        size_t len = static_cast<size_t>(std::min<uint64_t>(ops[i].len - done, max_request_));
+        pieces.push_back({ops[i].offset + done, p + done, len});
+        done += len;
+      }
     }
-    return Status::Ok();
+    const uint32_t flags = use_fua_ ? LIBNBD_CMD_FLAG_FUA : 0;
+    return RunCommands(
+        "write", pieces.size(),
+        [&](size_t i, nbd_handle* h) {
+          return nbd_aio_pwrite(h, pieces[i].buf, pieces[i].len, pieces[i].offset,
+                                nbd_completion_callback{}, flags);
+        },
+        [&](size_t i) { return std::make_pair(pieces[i].offset, pieces[i].len); });
   }
 
   Status Flush() override {
@@ -133,30 +147,78 @@ class NbdDevice final : public BlockDevice {
 
   template <typename Submit>
   Status Run(const char* op, uint64_t off, size_t len, Submit submit) {
-    if (failed_.load()) return Lost(op, off, len);
+    return RunCommands(
+        op, 1, [&](size_t, nbd_handle* h) { return submit(h); },
+        [&](size_t) { return std::make_pair(off, len); });
+  }
+
+  // Runs `count` commands on one handle, at most kMaxInFlight at a time: submit(i, h)
+  // starts command i and returns its cookie (-1 on failure), range(i) is its
+  // (offset, length) for messages. Returns once none is in flight, with the first
+  // failure; after a server error the rest already in flight finish but no more
+  // are started. The timeout counts from the last completion.
+  template <typename Submit, typename Range>
+  Status RunCommands(const char* op, size_t count, Submit submit, Range range) {
+    if (count == 0) return Status::Ok();
+    if (failed_.load()) return Lost(op, range(0).first, range(0).second);
     Slot* s = nullptr;
     auto lk = Acquire(&s);
-    if (failed_.load() || s->h == nullptr) return Lost(op, off, len);
+    if (failed_.load() || s->h == nullptr) return Lost(op, range(0).first, range(0).second);
     nbd_handle* h = s->h;
 
-    int64_t cookie = submit(h);
-    if (cookie == -1) return CommandFailed(s, op, off, len, LastError());
+    std::vector<std::pair<uint64_t, size_t>> inflight;  // (cookie, command)
+    Status first = Status::Ok();
+    auto failed = [&](size_t i, const NbdError& e) {
+      Status st = CommandFailed(s, op, range(i).first, range(i).second, e);
+      if (first.ok()) first = st;
+    };
+    // Retires every finished command; true when one finished.
+    auto reap = [&] {
+      bool progress = false;
+      for (size_t k = 0; k < inflight.size() && s->h != nullptr;) {
+        int r = nbd_aio_command_completed(h, inflight[k].first);
+        if (r == 0) {
+          k++;
+          continue;
+        }
+        if (r == -1) failed(inflight[k].second, LastError());
+        inflight[k] = inflight.back();
+        inflight.pop_back();
+        progress = true;
+      }
+      return progress;
+    };
+    size_t next = 0;
     const bool timed = timeout_ms_ > 0;
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms_);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms_);
     for (;;) {
-      int r = nbd_aio_command_completed(h, static_cast<uint64_t>(cookie));
-      if (r == 1) return Status::Ok();
-      if (r == -1) return CommandFailed(s, op, off, len, LastError());
+      while (first.ok() && next < count && inflight.size() < kMaxInFlight) {
+        int64_t cookie = submit(next, h);
+        if (cookie == -1) {
+          failed(next, LastError());
+        } else {
+          inflight.emplace_back(static_cast<uint64_t>(cookie), next);
+        }
+        next++;
+      }
+      // A dead connection was closed (Fail): nothing is in flight any more.
+      if (s->h == nullptr || inflight.empty()) return first;
+      const bool progress = reap();
+      if (s->h == nullptr) return first;
+      if (progress) {
+        deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms_);
+        continue;
+      }
       int wait = -1;
       if (timed) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                         deadline - std::chrono::steady_clock::now())
                         .count();
         if (left <= 0) {
-          // Closing the handle drops the in-flight command, so libnbd will not touch
-          // the caller's buffer after we return.
+          // Closing the handle drops the commands in flight, so libnbd will not touch
+          // the caller's buffers after we return.
           Fail(s, "request timed out");
+          const auto [off, len] = range(inflight.front().second);
           return IoErr(op, off, len,
                        "no reply within " + std::to_string(timeout_ms_) +
                            " ms; connection closed, device failed");
@@ -164,12 +226,22 @@ class NbdDevice final : public BlockDevice {
         wait = static_cast<int>(std::min<long long>(left, 1000));
       }
       if (nbd_poll(h, wait) == -1) {
+        // Commands may still have completed (or failed) while polling; only a poll
+        // failure with commands still in flight is fatal, since they cannot be
+        // waited for.
         NbdError e = LastError();
-        // The command may still have completed (or failed) while polling.
-        r = nbd_aio_command_completed(h, static_cast<uint64_t>(cookie));
-        if (r == 1) return Status::Ok();
-        if (r == -1) e = LastError();
-        return CommandFailed(s, op, off, len, e);
+        reap();
+        if (s->h == nullptr) return first;
+        if (inflight.empty()) continue;
+        const size_t i = inflight.front().second;
+        if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
+          failed(i, e);  // fails the device
+          return first;
+        }
+        Fail(s, "poll failed (" + e.msg + ")");
+        if (first.ok()) first = IoErr(op, range(i).first, range(i).second,
+                                      "poll failed (" + e.msg + "); device failed");
+        return first;
       }
     }
   }

@@ -12,11 +12,11 @@
 //   write and Flush is NBD_CMD_FLUSH. With FUA only, every Write carries FUA (durable
 //   on return) and Flush has nothing to do. A read-only open needs neither.
 //   A writable open of a read-only export is kReadOnly.
-// - Concurrency. Every method may be called from any thread. One libnbd handle runs
-//   one synchronous command at a time, so the device keeps a pool of
-//   NbdOptions::connections handles; a request takes an idle handle if there is one
-//   (starting from a round-robin position) and otherwise queues on the round-robin
-//   one. Several connections are only used when the server advertises multi-conn
+// - Concurrency. Every method may be called from any thread. One libnbd handle serves
+//   one call at a time (a WriteBatch keeps up to 64 writes in flight on it), so the
+//   device keeps a pool of NbdOptions::connections handles; a call takes an idle
+//   handle if there is one (starting from a round-robin position) and otherwise
+//   queues on the round-robin one. Several connections are only used when the server advertises multi-conn
 //   (NBD_FLAG_CAN_MULTI_CONN): only then does a flush on one connection cover writes
 //   completed on the others, and only then are writes on one connection promptly
 //   visible to reads on another. Without multi-conn the pool has one handle and a
@@ -24,7 +24,8 @@
 //   connections need the same server property; nbdkit's file plugin has it.)
 // - Errors. Every failure is a Status naming the URI, the operation and the offset:
 //   a server-reported error is kIOError (ENOSPC from the server is kNoSpace) and the
-//   connection stays usable. Open errors: bad URI kInvalid, missing socket
+//   connection stays usable; a batch stops sending after one and returns it once its
+//   writes already sent have finished. Open errors: bad URI kInvalid, missing socket
 //   kNotFound, refused or unreachable server kIOError.
 // - Lost server (fail-stop). If a connection dies (server exited or crashed, socket
 //   closed, protocol error) or a request times out, the device is failed: that request

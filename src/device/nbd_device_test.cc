@@ -19,18 +19,14 @@
 #include <thread>
 #include <vector>
 
+#include "device/device_test_util.h"
+
 extern char** environ;
 
 namespace agorafs {
 namespace {
 
 namespace fs = std::filesystem;
-
-AlignedBuffer Filled(size_t len, uint8_t v) {
-  AlignedBuffer b(len);
-  std::memset(b.data(), v, len);
-  return b;
-}
 
 bool HaveNbdkit() { return std::system("nbdkit --version >/dev/null 2>&1") == 0; }
 
@@ -174,6 +170,49 @@ TEST_F(NbdDeviceTest, LargeRequestsAreSplit) {
   AlignedBuffer r(len);
   ASSERT_TRUE((*dev)->Read(4096, r.data(), len).ok());
   EXPECT_EQ(std::memcmp(w.data(), r.data(), len), 0);
+}
+
+TEST_F(NbdDeviceTest, WriteBatchWritesEveryRange) {
+  srv_.MakeImage(4 << 20);
+  ASSERT_TRUE(srv_.Start({"file", srv_.image()}));
+  auto dev = OpenNbdDevice(srv_.Uri(), OpenOptions{});
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  CheckWriteBatch(dev->get());
+  ASSERT_TRUE((*dev)->Flush().ok());
+  OpenOptions ro;
+  ro.read_only = true;
+  auto rdev = OpenNbdDevice(srv_.Uri(), ro);
+  ASSERT_TRUE(rdev.ok()) << rdev.status().ToString();
+  AlignedBuffer b = Filled(4096, 1);
+  WriteOp two[] = {{0, b.data(), 4096}, {8192, b.data(), 4096}};
+  EXPECT_TRUE((*rdev)->WriteBatch(two, 2).Is(Code::kReadOnly));
+}
+
+// A server error in the middle of a batch: the batch returns it once nothing is in
+// flight any more, and the connection stays usable.
+TEST_F(NbdDeviceTest, WriteBatchReturnsAServerErrorAndTheConnectionSurvives) {
+  srv_.MakeImage(1 << 20);
+  std::string trigger = srv_.dir() + "/fail-writes";
+  ASSERT_TRUE(srv_.Start({"--filter=error", "file", srv_.image(), "error-pwrite-rate=50%",
+                          "error-pwrite-file=" + trigger}));
+  auto dev = OpenNbdDevice(srv_.Uri(), OpenOptions{});
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  std::ofstream(trigger).close();
+  AlignedBuffer b = Filled(4096, 9);
+  std::vector<WriteOp> ops;
+  for (uint64_t k = 0; k < 100; k++) ops.push_back({k * 8192, b.data(), 4096});
+  Status st = (*dev)->WriteBatch(ops.data(), ops.size());
+  EXPECT_TRUE(st.Is(Code::kIOError)) << st.ToString();
+  EXPECT_NE(st.message().find("nbd write " + srv_.Uri() + " at offset"), std::string::npos)
+      << st.message();
+  fs::remove(trigger);
+  ASSERT_TRUE((*dev)->WriteBatch(ops.data(), ops.size()).ok());
+  ASSERT_TRUE((*dev)->Flush().ok());
+  AlignedBuffer r(4096);
+  for (const auto& op : ops) {
+    ASSERT_TRUE((*dev)->Read(op.offset, r.data(), r.size()).ok());
+    EXPECT_TRUE(AllBytes(r.data(), r.size(), 9)) << "offset " << op.offset;
+  }
 }
 
 TEST_F(NbdDeviceTest, ConcurrentIoUsesSeveralConnections) {
