@@ -5,7 +5,7 @@
 // A filesystem that keeps its tree in memory and does nothing else: no disk, no journal,
 // no locks, one mutex. It talks to the kernel the way the agorafs daemon does (libfuse3
 // low-level API, the same multithreaded loop settings, the same capabilities asked for in
-// init, default_permissions, entries and attributes cached by the kernel, negative
+// init (src/fuse/fuse_conn.h, shared with agorafs), default_permissions, entries and attributes cached by the kernel, negative
 // entries too), so the metadata workloads cause the same requests. What it achieves is
 // what the kernel's FUSE path allows any filesystem on this machine: the ceiling for
 // agorafs's metadata numbers.
@@ -31,6 +31,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include "fuse/fuse_conn.h"  // agorafs's INIT settings
 
 namespace {
 
@@ -98,19 +100,7 @@ void MaybeFree(Node* n) {
   if (n->lookups == 0 && n->st.st_nlink == 0) nodes.erase(n->ino);
 }
 
-void Init(void*, fuse_conn_info* conn) {
-  conn->max_write = 1 << 20;
-  conn->max_readahead = 1 << 20;
-  if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want &= ~FUSE_CAP_SPLICE_READ;
-  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
-  if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
-  if (conn->capable & FUSE_CAP_READDIRPLUS_AUTO) conn->want |= FUSE_CAP_READDIRPLUS_AUTO;
-  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
-  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
-  if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
-  if (conn->capable & FUSE_CAP_POSIX_ACL) conn->want |= FUSE_CAP_POSIX_ACL;
-  if (conn->capable & FUSE_CAP_DONT_MASK) conn->want |= FUSE_CAP_DONT_MASK;
-}
+void Init(void*, fuse_conn_info* conn) { agorafs::WantAgorafsCapabilities(conn); }
 
 void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   std::lock_guard<std::mutex> lk(mu);

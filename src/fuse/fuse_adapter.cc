@@ -22,6 +22,7 @@
 
 #include "fuse/applock_fuse.h"
 #include "fuse/errno_map.h"
+#include "fuse/fuse_conn.h"
 #include "util/log_once.h"
 
 namespace agorafs {
@@ -224,25 +225,7 @@ void ReplyAttr(fuse_req_t req, const Result<Attr>& r, bool cacheable = true) {
 void OpInit(void* userdata, fuse_conn_info* conn) {
   auto* ctx = static_cast<Ctx*>(userdata);
   if (ctx->opts.entry_timeout > 0) ProbeKernelEpochs(ctx);
-  conn->max_write = 1 << 20;
-  conn->max_readahead = 1 << 20;
-  if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want &= ~FUSE_CAP_SPLICE_READ;
-  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
-  if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
-  if (conn->capable & FUSE_CAP_READDIRPLUS_AUTO) conn->want |= FUSE_CAP_READDIRPLUS_AUTO;
-  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
-  // Kernel writeback caching would hide writes from other nodes; not used.
-  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
-  // Cached pages are dropped when a getattr shows another mtime or size (a read asks
-  // whenever the attributes are not cached: after every loss of the filesystem lock,
-  // see the header): how other nodes' writes become visible.
-  if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
-  // POSIX ACLs: the kernel checks permissions against the ACL xattrs it reads from us
-  // (and forgets them whenever it refreshes the attributes, so another node's setfacl
-  // counts as soon as its chmod would); umask is left to us, which applies it only when
-  // the parent has no default ACL (acl(5)).
-  if (conn->capable & FUSE_CAP_POSIX_ACL) conn->want |= FUSE_CAP_POSIX_ACL;
-  if (conn->capable & FUSE_CAP_DONT_MASK) conn->want |= FUSE_CAP_DONT_MASK;
+  WantAgorafsCapabilities(conn);
 }
 
 void OpDestroy(void* userdata) {
