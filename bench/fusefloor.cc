@@ -166,21 +166,15 @@ void Setattr(fuse_req_t req, fuse_ino_t ino, struct stat* a, int to_set, fuse_fi
   fuse_reply_attr(req, &n->st, 0);  // agorafs does not cache a setattr reply either
 }
 
-// mknod, mkdir and create: a new name in `parent`.
-Node* Add(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, int* err) {
+// mknod, mkdir and create: a new name in `parent`, its entry in `e` (the kernel's
+// reference counted); 0 or the errno to answer.
+int Add(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_entry_param* e) {
+  std::lock_guard<std::mutex> lk(mu);
   Node* p = Get(parent);
-  if (!p || !S_ISDIR(p->st.st_mode)) {
-    *err = p ? ENOTDIR : ENOENT;
-    return nullptr;
-  }
-  if (std::strlen(name) > 255) {
-    *err = ENAMETOOLONG;
-    return nullptr;
-  }
-  if (p->names.count(name)) {
-    *err = EEXIST;
-    return nullptr;
-  }
+  if (!p) return ENOENT;
+  if (!S_ISDIR(p->st.st_mode)) return ENOTDIR;
+  if (std::strlen(name) > 255) return ENAMETOOLONG;
+  if (p->names.count(name)) return EEXIST;
   const fuse_ctx* c = fuse_req_ctx(req);
   // The kernel leaves the umask to the filesystem (FUSE_CAP_DONT_MASK), as for agorafs.
   Node* n = NewNode((mode & S_IFMT) | (mode & 07777 & ~c->umask), c, parent);
@@ -190,16 +184,13 @@ Node* Add(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, int*
   if (S_ISDIR(mode)) p->st.st_nlink++;
   Touch(p, true);
   n->lookups++;
-  return n;
+  FillEntry(n, e);
+  return 0;
 }
 
 void Mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t) {
-  std::lock_guard<std::mutex> lk(mu);
-  int err = 0;
-  Node* n = Add(req, parent, name, mode, &err);
-  if (!n) return (void)fuse_reply_err(req, err);
   fuse_entry_param e;
-  FillEntry(n, &e);
+  if (int err = Add(req, parent, name, mode, &e)) return (void)fuse_reply_err(req, err);
   fuse_reply_entry(req, &e);
 }
 
@@ -208,12 +199,8 @@ void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
 }
 
 void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
-  std::lock_guard<std::mutex> lk(mu);
-  int err = 0;
-  Node* n = Add(req, parent, name, mode, &err);
-  if (!n) return (void)fuse_reply_err(req, err);
   fuse_entry_param e;
-  FillEntry(n, &e);
+  if (int err = Add(req, parent, name, mode, &e)) return (void)fuse_reply_err(req, err);
   fi->keep_cache = 0;
   fuse_reply_create(req, &e, fi);
 }
