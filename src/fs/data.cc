@@ -180,6 +180,7 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
   std::shared_lock<std::shared_mutex> io(st->io);
   const uint64_t end = off + len;
   std::vector<extent::Mapping> maps;
+  uint64_t old_size = 0;
   {
     auto h = store_->Begin(false, 64);
     auto ir = WIno(*h, g_, ino);
@@ -198,7 +199,13 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
       }
       AGFS_RETURN_IF_ERROR(ConvertInlineToExtents(*h, ino, I));
     }
+    old_size = I->size;
     uint64_t first = off / kBlockSize, last = (end - 1) / kBlockSize;
+    // A gap from the old end of file: the rest of the old last block must read as
+    // zeros, whatever an interrupted write left there (see ZeroPartialBlock).
+    if (off > old_size && old_size / kBlockSize < first) {
+      AGFS_RETURN_IF_ERROR(ZeroPartialBlock(*h, ino, *I, old_size));
+    }
     for (uint64_t l = first; l <= last;) {
       uint32_t want = static_cast<uint32_t>(std::min<uint64_t>(last - l + 1, UINT32_MAX));
       auto r = extent::MapOrAllocate(*h, ino, I, l, want, true, ino);
@@ -212,14 +219,21 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
   const uint64_t first = off / kBlockSize, last = (end - 1) / kBlockSize;
   const uint64_t a0 = first * kBlockSize, a1 = (last + 1) * kBlockSize;
   uint8_t* b = Bounce(a1 - a0);
-  // Edge blocks keep their old bytes (zeros where nothing was written yet).
+  // Edge blocks keep their old bytes below the old end of file and zeros from there
+  // on: past the end of file the device may hold what an interrupted write left.
   auto fill_edge = [&](uint64_t lblk, const extent::Mapping& m) -> Status {
     uint8_t* dst = b + (lblk - first) * kBlockSize;
-    if (!Written(m)) {
+    const uint64_t bstart = lblk * kBlockSize;
+    if (!Written(m) || old_size <= bstart) {
       std::memset(dst, 0, kBlockSize);
       return Status::Ok();
     }
-    return io_->Read((m.physical + (lblk - m.logical)) * kBlockSize, dst, kBlockSize);
+    AGFS_RETURN_IF_ERROR(
+        io_->Read((m.physical + (lblk - m.logical)) * kBlockSize, dst, kBlockSize));
+    if (old_size < bstart + kBlockSize) {
+      std::memset(dst + (old_size - bstart), 0, bstart + kBlockSize - old_size);
+    }
+    return Status::Ok();
   };
   if (off > a0) AGFS_RETURN_IF_ERROR(fill_edge(first, maps.front()));
   if (end < a1 && (last != first || off == a0)) AGFS_RETURN_IF_ERROR(fill_edge(last, maps.back()));
@@ -287,6 +301,8 @@ Status Filesystem::Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bo
       AGFS_RETURN_IF_ERROR(ZeroPartialBlock(*h, ino, *I, new_size));
       AGFS_RETURN_IF_ERROR(AddOrphan(*h, ino));  // truncation in progress
       punch = true;
+    } else if (I->data_kind == uint8_t(DataKind::kExtents) && new_size > old) {
+      AGFS_RETURN_IF_ERROR(ZeroPartialBlock(*h, ino, *I, old));
     }
     I->size = new_size;
     if (update_times && new_size != old) TouchData(I, NowTs());
@@ -371,7 +387,10 @@ Status Filesystem::FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64
       l += std::min<uint64_t>(r->m.len, last - l + 1);
     }
   }
-  if (!keep && end > I->size) I->size = end;
+  if (!keep && end > I->size) {
+    AGFS_RETURN_IF_ERROR(ZeroPartialBlock(*h, ino, *I, I->size));
+    I->size = end;
+  }
   TouchData(I, now);
   if (punch || zero) KillPriv(c, I);
   return Status::Ok();

@@ -444,6 +444,11 @@ class Filesystem {
   Status TruncateBlocks(uint32_t slot, uint64_t ino, uint64_t new_size);
   Status Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bool update_times);
   Status ConvertInlineToExtents(MetaTxn& h, uint64_t ino, InodeBlock* I);
+  // Zeroes, on the device, the bytes of `from`'s block from `from` to the block's end
+  // if that block holds written data. Bytes past the end of file may hold anything:
+  // a crash between a write's data reaching the device and its commit leaves them
+  // there. So every call that moves the end of file up zeroes them first (truncate,
+  // fallocate) or treats them as zeros (write), and truncate down zeroes them too.
   Status ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& I, uint64_t from);
   Result<Attr> CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                           uint64_t rdev, std::string_view symlink_target);

@@ -75,6 +75,14 @@ class FsTest : public ::testing::Test {
     mem_->Crash();
     Remount();
   }
+  // kill -9 of the daemon: nothing more reaches the device, but everything written
+  // so far stays (the host's page cache survives a process), committed or not.
+  void KillAndRemount() {
+    fault_->SetGone(true);
+    (void)fs_->Unmount();
+    fs_.reset();
+    Remount();
+  }
   uint64_t Root() { return fs_->root_ino(); }
   uint64_t Create(uint64_t dir, const std::string& name, uint32_t mode = S_IFREG | 0644) {
     auto r = fs_->Mknod(caller_, dir, name, mode, 0);
@@ -202,6 +210,42 @@ TEST_F(FsTest, FsyncedDataSurvivesCrash) {
   auto a = fs_->Lookup(Root(), "durable");
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(ReadAll(a->ino), std::string(300000, 'd'));
+}
+
+// An append whose data reached the device but whose commit did not leaves bytes past
+// the end of file in the last block. Nothing that later moves the end of file up may
+// show them: every such call must read zeros there.
+TEST_F(FsTest, BytesAnInterruptedAppendLeftPastTheEndReadAsZeros) {
+  const uint64_t kOld = 65536 + 101;  // ends inside a block
+  const std::vector<std::string> names = {"truncate", "write-same-block", "write-gap",
+                                          "fallocate"};
+  std::vector<uint64_t> inos;
+  std::string head(kOld, '\0');
+  for (size_t i = 0; i < head.size(); i++) head[i] = char('a' + i % 26);
+  for (const auto& n : names) {
+    inos.push_back(Create(Root(), n));
+    WriteAt(inos.back(), 0, head);
+  }
+  ASSERT_TRUE(fs_->SyncAll().ok());
+  for (uint64_t ino : inos) WriteAt(ino, kOld, std::string(20000, 'X'));  // never committed
+  KillAndRemount();
+  for (uint64_t ino : inos) ASSERT_EQ(fs_->GetAttr(ino)->size, kOld);
+
+  const uint64_t kNew = 300000;
+  SetAttrRequest grow;
+  grow.size = true;
+  grow.new_size = kNew;
+  ASSERT_TRUE(fs_->SetAttr(caller_, inos[0], grow).ok());
+  WriteAt(inos[1], kOld + 500, "y");        // starts in the old last block
+  WriteAt(inos[2], kNew - 1, "y");          // leaves a gap of whole blocks
+  ASSERT_TRUE(fs_->Fallocate(caller_, inos[3], 0, 0, kNew).ok());
+  for (size_t i = 0; i < inos.size(); i++) {
+    std::string got = ReadAll(inos[i]);
+    ASSERT_GT(got.size(), kOld + 100) << names[i];
+    EXPECT_EQ(got.substr(0, kOld), head) << names[i];
+    const size_t x = got.find('X');
+    EXPECT_EQ(x, std::string::npos) << names[i] << ": the lost append shows at " << x;
+  }
 }
 
 TEST_F(FsTest, XattrsInlineAndExternal) {
