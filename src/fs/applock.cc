@@ -37,6 +37,54 @@ void PutEntry(std::string* s, size_t at, const AppLock& l) {
   Put32(s, at + 40, l.pid);
 }
 
+// Reads the entry at `at`; the empty string, or what is wrong with it.
+std::string GetEntry(std::string_view b, size_t at, AppLock* l) {
+  uint8_t kind = static_cast<uint8_t>(b[at]);
+  uint8_t type = static_cast<uint8_t>(b[at + 1]);
+  if (kind != uint8_t(AppLockKind::kPosix) && kind != uint8_t(AppLockKind::kFlock)) {
+    return "bad kind " + std::to_string(kind);
+  }
+  if (type != uint8_t(AppLockType::kRead) && type != uint8_t(AppLockType::kWrite)) {
+    return "bad type " + std::to_string(type);
+  }
+  if (Get(b, at + 2, 2) != 0 || Get(b, at + 44, 4) != 0) return "reserved bytes set";
+  l->kind = static_cast<AppLockKind>(kind);
+  l->type = static_cast<AppLockType>(type);
+  l->slot = static_cast<uint32_t>(Get(b, at + 4, 4));
+  l->generation = Get(b, at + 8, 8);
+  l->owner = Get(b, at + 16, 8);
+  l->start = Get(b, at + 24, 8);
+  l->end = Get(b, at + 32, 8);
+  l->pid = static_cast<uint32_t>(Get(b, at + 40, 4));
+  if (l->start > l->end) return "start after end";
+  return "";
+}
+
+// Checks the header of a table of `entry_size`-byte entries; returns the count, or
+// sets *why.
+size_t GetCount(std::string_view b, size_t entry_size, size_t max, std::string* why) {
+  if (b.size() < kHeaderSize) {
+    *why = "truncated header";
+    return 0;
+  }
+  if (static_cast<uint8_t>(b[0]) != kVersion) {
+    *why = "unknown version " + std::to_string(static_cast<uint8_t>(b[0]));
+    return 0;
+  }
+  if (b[1] != 0) {
+    *why = "reserved header byte set";
+    return 0;
+  }
+  size_t count = Get(b, 2, 2);
+  if (b.size() != kHeaderSize + count * entry_size) {
+    *why = "size " + std::to_string(b.size()) + " does not hold " + std::to_string(count) +
+           " entries";
+  } else if (count > max) {
+    *why = std::to_string(count) + " entries, at most " + std::to_string(max) + " allowed";
+  }
+  return count;
+}
+
 }  // namespace
 
 std::string Encode(const Table& t) {
@@ -48,48 +96,55 @@ std::string Encode(const Table& t) {
 }
 
 Result<Table> Decode(std::string_view b) {
-  auto bad = [](const std::string& why) {
-    return Err(Code::kCorruption, "application lock table: " + why);
-  };
-  if (b.size() < kHeaderSize) return bad("truncated header");
-  if (static_cast<uint8_t>(b[0]) != kVersion) {
-    return bad("unknown version " + std::to_string(static_cast<uint8_t>(b[0])));
-  }
-  if (b[1] != 0) return bad("reserved header byte set");
-  size_t count = Get(b, 2, 2);
-  if (b.size() != kHeaderSize + count * kEntrySize) {
-    return bad("size " + std::to_string(b.size()) + " does not hold " + std::to_string(count) +
-               " entries");
-  }
-  if (count > kMaxEntries) return bad(std::to_string(count) + " entries, at most 64 allowed");
-  Table t;
-  t.reserve(count);
+  std::string why;
+  size_t count = GetCount(b, kEntrySize, kMaxEntries, &why);
+  if (!why.empty()) return Err(Code::kCorruption, "application lock table: " + why);
+  Table t(count);
   for (size_t i = 0; i < count; i++) {
-    size_t at = kHeaderSize + i * kEntrySize;
-    AppLock l;
-    uint8_t kind = static_cast<uint8_t>(b[at]);
-    uint8_t type = static_cast<uint8_t>(b[at + 1]);
-    if (kind != uint8_t(AppLockKind::kPosix) && kind != uint8_t(AppLockKind::kFlock)) {
-      return bad("entry " + std::to_string(i) + ": bad kind " + std::to_string(kind));
+    why = GetEntry(b, kHeaderSize + i * kEntrySize, &t[i]);
+    if (!why.empty()) {
+      return Err(Code::kCorruption,
+                 "application lock table: entry " + std::to_string(i) + ": " + why);
     }
-    if (type != uint8_t(AppLockType::kRead) && type != uint8_t(AppLockType::kWrite)) {
-      return bad("entry " + std::to_string(i) + ": bad type " + std::to_string(type));
-    }
-    if (Get(b, at + 2, 2) != 0 || Get(b, at + 44, 4) != 0) {
-      return bad("entry " + std::to_string(i) + ": reserved bytes set");
-    }
-    l.kind = static_cast<AppLockKind>(kind);
-    l.type = static_cast<AppLockType>(type);
-    l.slot = static_cast<uint32_t>(Get(b, at + 4, 4));
-    l.generation = Get(b, at + 8, 8);
-    l.owner = Get(b, at + 16, 8);
-    l.start = Get(b, at + 24, 8);
-    l.end = Get(b, at + 32, 8);
-    l.pid = static_cast<uint32_t>(Get(b, at + 40, 4));
-    if (l.start > l.end) return bad("entry " + std::to_string(i) + ": start after end");
-    t.push_back(l);
   }
   return t;
+}
+
+std::string EncodeWaits(const Waits& w) {
+  std::string s(kHeaderSize + w.size() * kWaitEntrySize, '\0');
+  s[0] = static_cast<char>(kVersion);
+  Put16(&s, 2, static_cast<uint16_t>(w.size()));
+  for (size_t i = 0; i < w.size(); i++) {
+    const size_t at = kHeaderSize + i * kWaitEntrySize;
+    PutEntry(&s, at, w[i].lock);
+    Put64(&s, at + kEntrySize, w[i].ino);
+  }
+  return s;
+}
+
+Result<Waits> DecodeWaits(std::string_view b) {
+  std::string why;
+  size_t count = GetCount(b, kWaitEntrySize, kMaxWaits, &why);
+  if (!why.empty()) return Err(Code::kCorruption, "application lock waits: " + why);
+  Waits w(count);
+  for (size_t i = 0; i < count; i++) {
+    const size_t at = kHeaderSize + i * kWaitEntrySize;
+    why = GetEntry(b, at, &w[i].lock);
+    w[i].ino = Get(b, at + kEntrySize, 8);
+    if (why.empty() && w[i].lock.kind != AppLockKind::kPosix) why = "not a POSIX lock";
+    if (why.empty() && w[i].ino == 0) why = "inode 0";
+    if (!why.empty()) {
+      return Err(Code::kCorruption,
+                 "application lock waits: entry " + std::to_string(i) + ": " + why);
+    }
+  }
+  return w;
+}
+
+Status CheckInternalXattr(std::string_view name, std::string_view value) {
+  if (name == kXattrName) return Decode(value).status();
+  if (name == kWaitsXattrName) return DecodeWaits(value).status();
+  return Status::Ok();
 }
 
 bool Overlaps(const AppLock& a, const AppLock& b) { return a.start <= b.end && b.start <= a.end; }
@@ -98,6 +153,15 @@ bool Conflicts(const AppLock& held, const AppLock& want) {
   if (held.kind != want.kind || held.SameOwner(want)) return false;
   if (held.type != AppLockType::kWrite && want.type != AppLockType::kWrite) return false;
   return Overlaps(held, want);
+}
+
+std::vector<const AppLock*> Conflicting(const Table& t, const AppLock& want, const LiveFn& live) {
+  std::vector<const AppLock*> out;
+  if (want.type == AppLockType::kUnlock) return out;
+  for (const AppLock& l : t) {
+    if (Conflicts(l, want) && live(l.slot, l.generation)) out.push_back(&l);
+  }
+  return out;
 }
 
 const AppLock* FindConflict(const Table& t, const AppLock& want, const LiveFn& live) {

@@ -22,6 +22,12 @@
 //   node generation is POSITIVELY gone (slot free or recovered under that generation,
 //   or the slot runs a newer generation); entries of live owners are never ignored.
 // - Ranges are inclusive; end == kToEof means "to the end of any file".
+// - Waits (deadlock detection, docs/DESIGN.md "Application locks"): the POSIX
+//   requests that wait right now, cluster-wide, are one internal xattr entry
+//   kWaitsXattrName on the root inode: the same header, then count 56-byte entries
+//   (a 48-byte entry naming the waiting owner and the range and type it wants, then
+//   the u64 inode). DecodeWaits() validates like Decode() and also refuses flock
+//   entries and inode 0. At most kMaxWaits entries.
 // Thread-safety: pure functions on values.
 #pragma once
 
@@ -68,13 +74,34 @@ inline constexpr size_t kMaxEntries = 64;
 using Table = std::vector<AppLock>;
 using LiveFn = std::function<bool(uint32_t slot, uint64_t generation)>;
 
-inline bool IsInternalXattr(std::string_view name) { return name == kXattrName; }
+inline constexpr std::string_view kWaitsXattrName = "agorafs.lockwaits";
+inline constexpr size_t kWaitEntrySize = kEntrySize + 8;
+// 4 + 48 * 56 = 2692 bytes on the root inode.
+inline constexpr size_t kMaxWaits = 48;
+
+// A POSIX request that waits: `lock` (its owner, range and type) on inode `ino`.
+struct Wait {
+  uint64_t ino = 0;
+  AppLock lock;
+  bool operator==(const Wait&) const = default;
+};
+using Waits = std::vector<Wait>;
+
+inline bool IsInternalXattr(std::string_view name) {
+  return name == kXattrName || name == kWaitsXattrName;
+}
 
 std::string Encode(const Table& t);
 Result<Table> Decode(std::string_view bytes);
+std::string EncodeWaits(const Waits& w);
+Result<Waits> DecodeWaits(std::string_view bytes);
+// kCorruption when `name` is an internal xattr whose value does not decode.
+Status CheckInternalXattr(std::string_view name, std::string_view value);
 
 bool Overlaps(const AppLock& a, const AppLock& b);
 bool Conflicts(const AppLock& held, const AppLock& want);
+// Every live entry that conflicts with `want`, in table order.
+std::vector<const AppLock*> Conflicting(const Table& t, const AppLock& want, const LiveFn& live);
 // The first live entry that conflicts with `want` (in table order), or nullptr.
 const AppLock* FindConflict(const Table& t, const AppLock& want, const LiveFn& live);
 // Removes the entries whose owner is gone; returns how many.

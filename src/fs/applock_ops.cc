@@ -5,8 +5,19 @@
 // and changed under the exclusive gate, so every node sees every lock. An entry of a
 // node generation that membership positively knows is gone (LockOwnerLive) is ignored
 // and pruned at the next change. Lock changes do not touch ctime or mtime.
+//
+// Deadlock detection: every POSIX request that waits is recorded in the root inode's
+// internal xattr applock::kWaitsXattrName while it waits. A request about to wait
+// follows holders to what they wait for, and the holders of that, and answers
+// kDeadlock when the chain comes back to its own owner (what Linux does for local
+// POSIX locks, here across nodes).
 #include <algorithm>
+#include <map>
+#include <set>
 #include <string>
+#include <tuple>
+
+#include <spdlog/spdlog.h>
 
 #include "fs/applock.h"
 #include "fs/filesystem.h"
@@ -34,7 +45,128 @@ Status CheckRange(const AppLock& l) {
   return Status::Ok();
 }
 
+// The recorded waits (empty if none). A damaged list is logged and read as empty:
+// it only ever held waits in progress, and the next change rewrites it.
+applock::Waits WaitsOf(const xattr::Entries& list, uint64_t root) {
+  for (const auto& e : list) {
+    if (e.first != applock::kWaitsXattrName) continue;
+    auto w = applock::DecodeWaits(e.second);
+    if (!w.ok()) {
+      spdlog::error("inode {}: {}; lock waits recorded so far are forgotten", root,
+                    w.status().ToString());
+      return applock::Waits{};
+    }
+    return std::move(w).value();
+  }
+  return applock::Waits{};
+}
+
+bool SameWait(const applock::Wait& a, uint64_t ino, const AppLock& l) {
+  return a.ino == ino && a.lock.SameOwner(l) && a.lock.type == l.type &&
+         a.lock.start == l.start && a.lock.end == l.end;
+}
+
+// Stores `value` as the entry `name` of `list`, or removes the entry if `value` is empty.
+void PutEntry(xattr::Entries* list, std::string_view name, std::string value) {
+  auto it = std::find_if(list->begin(), list->end(),
+                         [&](const auto& e) { return e.first == name; });
+  if (value.empty()) {
+    if (it != list->end()) list->erase(it);
+  } else if (it != list->end()) {
+    it->second = std::move(value);
+  } else {
+    list->emplace_back(std::string(name), std::move(value));
+  }
+}
+
+// Bounds the walk of WouldDeadlock: tables read, over all chains.
+constexpr size_t kMaxDeadlockSteps = 256;
+
 }  // namespace
+
+Result<bool> Filesystem::WouldDeadlock(MetaTxn& h, uint64_t ino, const applock::Table& t,
+                                       const AppLock& want, const applock::Waits& waits) {
+  auto live = [this](uint32_t s, uint64_t g) { return LockOwnerLive(s, g); };
+  std::map<uint64_t, applock::Table> tables{{ino, t}};
+  std::set<std::tuple<uint32_t, uint64_t, uint64_t>> seen;
+  std::vector<AppLock> holders;
+  for (const AppLock* c : applock::Conflicting(t, want, live)) holders.push_back(*c);
+  size_t steps = 0;
+  while (!holders.empty()) {
+    const AppLock o = holders.back();
+    holders.pop_back();
+    if (o.SameOwner(want)) return true;
+    if (o.kind != AppLockKind::kPosix || !seen.emplace(o.slot, o.generation, o.owner).second) {
+      continue;
+    }
+    for (const applock::Wait& w : waits) {
+      if (!w.lock.SameOwner(o)) continue;
+      if (++steps > kMaxDeadlockSteps) return false;
+      auto it = tables.find(w.ino);
+      if (it == tables.end()) {
+        // An inode deleted meanwhile (or unreadable) holds nothing anyone waits for.
+        applock::Table wt;
+        auto ir = RIno(h, g_, w.ino);
+        if (ir.ok()) {
+          auto list = xattr::List(h, w.ino, **ir);
+          if (list.ok()) {
+            auto tt = TableOf(*list, w.ino);
+            if (tt.ok()) wt = std::move(tt).value();
+          }
+        }
+        it = tables.emplace(w.ino, std::move(wt)).first;
+      }
+      for (const AppLock* c : applock::Conflicting(it->second, w.lock, live)) {
+        holders.push_back(*c);
+      }
+    }
+  }
+  return false;
+}
+
+Status Filesystem::UpdateLockWaits(MetaTxn& h, uint64_t ino, const AppLock& l, bool add) {
+  const uint64_t root = root_ino();
+  auto rr = RIno(h, g_, root);
+  if (!rr.ok()) return rr.status();
+  AGFS_ASSIGN_OR_RETURN(xattr::Entries list, xattr::List(h, root, **rr));
+  auto old = std::find_if(list.begin(), list.end(),
+                          [](const auto& e) { return e.first == applock::kWaitsXattrName; });
+  const std::string before = old == list.end() ? "" : old->second;
+  const applock::Waits waits = WaitsOf(list, root);
+  applock::Waits next;
+  for (const applock::Wait& w : waits) {
+    if (SameWait(w, ino, l) || !LockOwnerLive(w.lock.slot, w.lock.generation)) continue;
+    next.push_back(w);
+  }
+  if (add) {
+    if (next.size() >= applock::kMaxWaits) {
+      // Deadlocks through this wait go undetected; the wait itself still works.
+      spdlog::warn("inode {}: {} POSIX lock waits recorded already; this one is not",
+                   ino, next.size());
+    } else {
+      next.push_back(applock::Wait{ino, l});
+    }
+  }
+  std::string after = next.empty() ? "" : applock::EncodeWaits(next);
+  if (after == before) return Status::Ok();  // the root inode stays clean
+  PutEntry(&list, applock::kWaitsXattrName, std::move(after));
+  auto ir = WIno(h, g_, root);
+  if (!ir.ok()) return ir.status();
+  Status st = xattr::Store(h, root, *ir, list);
+  if (st.Is(Code::kNoSpace)) {
+    spdlog::warn("inode {}: no room beside the root's xattrs to record a lock wait", ino);
+    return Status::Ok();
+  }
+  return st;
+}
+
+Status Filesystem::CancelLockWait(uint64_t ino, AppLock want) {
+  want.slot = member_->slot();
+  want.generation = member_->generation();
+  AGFS_GATE(Exclusive, ino);
+  auto h = store_->Begin(false, 8);
+  return UpdateLockWaits(*h, ino, want, false);
+}
 
 bool Filesystem::LockOwnerLive(uint32_t slot, uint64_t generation) const {
   if (slot == member_->slot() && generation == member_->generation()) return true;
@@ -75,7 +207,7 @@ Result<AppLock> Filesystem::TestLock(uint64_t ino, AppLock want) {
   return out;
 }
 
-Status Filesystem::SetLock(uint64_t ino, AppLock want) {
+Status Filesystem::SetLock(uint64_t ino, AppLock want, bool wait) {
   AGFS_RETURN_IF_ERROR(CheckRange(want));
   const uint32_t slot = member_->slot();
   const uint64_t gen = member_->generation();
@@ -83,15 +215,41 @@ Status Filesystem::SetLock(uint64_t ino, AppLock want) {
   want.generation = gen;
   AGFS_GATE(Exclusive, ino);
   auto live = [this](uint32_t s, uint64_t g) { return LockOwnerLive(s, g); };
-  auto h = store_->Begin(false, 8);
+  auto h = store_->Begin(false, 16);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
   AGFS_ASSIGN_OR_RETURN(xattr::Entries list, xattr::List(*h, ino, **ir));
   AGFS_ASSIGN_OR_RETURN(applock::Table t, TableOf(list, ino));
+  // Only POSIX waits count for deadlocks (flock deadlocks are not detected on Linux
+  // either).
+  const bool track = wait && want.kind == AppLockKind::kPosix && want.type != AppLockType::kUnlock;
   if (const AppLock* c = applock::FindConflict(t, want, live)) {
-    return Err(Code::kAgain, "inode " + std::to_string(ino) + ": locked by node slot " +
-                                 std::to_string(c->slot));
+    const std::string who = std::to_string(c->slot);
+    if (track) {
+      auto rl = RIno(*h, g_, root_ino());
+      if (!rl.ok()) return rl.status();
+      AGFS_ASSIGN_OR_RETURN(xattr::Entries rlist, xattr::List(*h, root_ino(), **rl));
+      AGFS_ASSIGN_OR_RETURN(bool cycle,
+                            WouldDeadlock(*h, ino, t, want, WaitsOf(rlist, root_ino())));
+      AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, ino, want, !cycle));
+      if (cycle) {
+        return Err(Code::kDeadlock, "inode " + std::to_string(ino) + ": waiting for node slot " +
+                                        who + " would deadlock");
+      }
+    }
+    return Err(Code::kAgain, "inode " + std::to_string(ino) + ": locked by node slot " + who);
   }
+  // Granted (or an unlock): stores the new table; a granted wait stops waiting after.
+  AGFS_RETURN_IF_ERROR(StoreLockTable(*h, ino, t, std::move(list), want));
+  if (track) AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, ino, want, false));
+  return Status::Ok();
+}
+
+Status Filesystem::StoreLockTable(MetaTxn& h, uint64_t ino, const applock::Table& t,
+                                  xattr::Entries list, const AppLock& want) {
+  const uint32_t slot = want.slot;
+  const uint64_t gen = want.generation;
+  auto live = [this](uint32_t s, uint64_t g) { return LockOwnerLive(s, g); };
   applock::Table next = t;
   applock::Prune(&next, live);
   applock::Apply(&next, want);
@@ -112,18 +270,10 @@ Status Filesystem::SetLock(uint64_t ino, AppLock want) {
     std::lock_guard<std::mutex> lk(applock_mu_);
     applock_inos_.insert(ino);
   }
-  auto it = std::find_if(list.begin(), list.end(),
-                         [](const auto& e) { return e.first == applock::kXattrName; });
-  if (next.empty()) {
-    if (it != list.end()) list.erase(it);
-  } else if (it != list.end()) {
-    it->second = applock::Encode(next);
-  } else {
-    list.emplace_back(std::string(applock::kXattrName), applock::Encode(next));
-  }
-  auto w = WIno(*h, g_, ino);
+  PutEntry(&list, applock::kXattrName, next.empty() ? "" : applock::Encode(next));
+  auto w = WIno(h, g_, ino);
   if (!w.ok()) return w.status();
-  Status st = xattr::Store(*h, ino, *w, list);
+  Status st = xattr::Store(h, ino, *w, list);
   if (st.Is(Code::kNoSpace)) {
     return Err(Code::kNoLocks, "inode " + std::to_string(ino) +
                                    ": no room for the lock table beside the xattrs");

@@ -15,6 +15,7 @@
 #include "fs/filesystem.h"
 #include "fs/super.h"
 #include "fs/test_mount_options.h"
+#include "fsck/fsck.h"
 
 namespace agorafs {
 namespace {
@@ -189,6 +190,31 @@ TEST(AppLockTable, CorruptTablesAreCorruptionNeverACrash) {
   }
 }
 
+TEST(AppLockTable, WaitsRoundTripAndBadOnesAreCorruption) {
+  applock::Waits w = {{77, Posix(W, 5, 99, 3, 1, 2)}, {1u << 20, Posix(R, 0, kToEof, 4)}};
+  const std::string good = applock::EncodeWaits(w);
+  EXPECT_EQ(good.size(), applock::kHeaderSize + 2 * applock::kWaitEntrySize);
+  auto back = applock::DecodeWaits(good);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, w);
+  EXPECT_TRUE(applock::CheckInternalXattr(applock::kWaitsXattrName, good).ok());
+  auto corrupt = [](const std::string& b) {
+    return applock::CheckInternalXattr(applock::kWaitsXattrName, b).Is(Code::kCorruption);
+  };
+  EXPECT_TRUE(corrupt(good.substr(0, good.size() - 1)));
+  EXPECT_TRUE(corrupt(applock::EncodeWaits({{0, Posix(W, 5, 99, 3)}})));     // inode 0
+  EXPECT_TRUE(corrupt(applock::EncodeWaits({{77, Flock(W, 3)}})));           // flock
+  // A lock table is not a list of waits, nor the other way round.
+  EXPECT_TRUE(corrupt(applock::Encode({Posix(W, 5, 99, 3)})));
+  EXPECT_TRUE(applock::CheckInternalXattr(applock::kXattrName, good).Is(Code::kCorruption));
+  for (size_t i = 0; i < good.size(); i++) {
+    std::string x = good;
+    x[i] = static_cast<char>(0xff);
+    auto r = applock::DecodeWaits(x);
+    EXPECT_TRUE(r.ok() || r.status().Is(Code::kCorruption));
+  }
+}
+
 // ---------------------------------------------------------------- Filesystem, 2 nodes
 
 class AppLockFsTest : public ::testing::Test {
@@ -278,6 +304,68 @@ TEST_F(AppLockFsTest, LocksOfOneNodeAreHonouredOnTheOther) {
   ASSERT_TRUE(a_->SetXattr(root, ino_, "user.k", "v", 0).ok());
   EXPECT_EQ(*a_->ListXattr(root, ino_), std::string("user.k\0", 7));
   EXPECT_TRUE(a_->SetLock(ino_, Want(F, W, 0, kToEof, 5)).Is(Code::kAgain));
+}
+
+// F_SETLKW that would close a cycle of waiting owners answers EDEADLK, wherever the
+// owners run; a wait that closes none, a non-blocking request and flock just wait.
+TEST_F(AppLockFsTest, AWaitThatClosesACycleOfWaitersIsADeadlock) {
+  const auto P = AppLockKind::kPosix;
+  std::vector<uint64_t> f = {ino_};
+  for (const char* n : {"g", "h"}) {
+    auto r = a_->Mknod(caller_, a_->root_ino(), n, S_IFREG | 0644, 0);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    f.push_back(r->ino);
+  }
+  // A's owner 1 holds f0, B's owner 2 holds f1; owner 1 waits for f1.
+  ASSERT_TRUE(a_->SetLock(f[0], Want(P, W, 0, 9, 1)).ok());
+  ASSERT_TRUE(b_->SetLock(f[1], Want(P, W, 0, kToEof, 2)).ok());
+  EXPECT_TRUE(a_->SetLock(f[1], Want(P, W, 0, 0, 1), true).Is(Code::kAgain));
+  // Owner 2 waiting for f0 would close the cycle; asking without waiting is no wait.
+  Status st = b_->SetLock(f[0], Want(P, R, 5, 5, 2), true);
+  EXPECT_TRUE(st.Is(Code::kDeadlock)) << st.ToString();
+  EXPECT_TRUE(b_->SetLock(f[0], Want(P, R, 5, 5, 2)).Is(Code::kAgain));
+  // A range owner 1 does not hold, and an owner that holds nothing, are no cycle.
+  EXPECT_TRUE(b_->SetLock(f[0], Want(P, R, 20, 30, 2), true).ok());
+  EXPECT_TRUE(b_->SetLock(f[0], Want(P, W, 0, 0, 3), true).Is(Code::kAgain));
+  ASSERT_TRUE(b_->CancelLockWait(f[0], Want(P, W, 0, 0, 3)).ok());
+  // flock waits are not followed (as on Linux).
+  const auto F = AppLockKind::kFlock;
+  ASSERT_TRUE(a_->SetLock(f[2], Want(F, W, 0, kToEof, 1)).ok());
+  EXPECT_TRUE(b_->SetLock(f[2], Want(F, W, 0, kToEof, 2), true).Is(Code::kAgain));
+
+  // Three owners on two nodes: 1 (A) waits for 2 (B) as before, 2 waits for owner 4
+  // (A) on f2, and 4 then waiting for f0 (held by 1) is the deadlock.
+  ASSERT_TRUE(a_->SetLock(f[2], Want(P, W, 100, 199, 4)).ok());
+  EXPECT_TRUE(b_->SetLock(f[2], Want(P, W, 150, 150, 2), true).Is(Code::kAgain));
+  st = a_->SetLock(f[0], Want(P, W, 9, 9, 4), true);
+  EXPECT_TRUE(st.Is(Code::kDeadlock)) << st.ToString();
+  // Owner 1 stops waiting (a signal): 4 now just waits.
+  ASSERT_TRUE(a_->CancelLockWait(f[1], Want(P, W, 0, 0, 1)).ok());
+  EXPECT_TRUE(a_->SetLock(f[0], Want(P, W, 9, 9, 4), true).Is(Code::kAgain));
+  ASSERT_TRUE(a_->CancelLockWait(f[0], Want(P, W, 9, 9, 4)).ok());
+
+  // A granted wait is no wait any more: 1 waits for f1 again and gets it once 2
+  // unlocks; 2 then waits for f0, which 1 holds, and that is no deadlock.
+  EXPECT_TRUE(a_->SetLock(f[1], Want(P, W, 0, 0, 1), true).Is(Code::kAgain));
+  ASSERT_TRUE(b_->SetLock(f[1], Want(P, U, 0, kToEof, 2)).ok());
+  EXPECT_TRUE(a_->SetLock(f[1], Want(P, W, 0, 0, 1), true).ok());
+  ASSERT_TRUE(b_->CancelLockWait(f[2], Want(P, W, 150, 150, 2)).ok());
+  EXPECT_TRUE(b_->SetLock(f[0], Want(P, W, 0, 0, 2), true).Is(Code::kAgain));
+  ASSERT_TRUE(b_->CancelLockWait(f[0], Want(P, W, 0, 0, 2)).ok());
+
+  // The record is invisible to users, and fsck accepts it.
+  Caller root;
+  EXPECT_EQ(*a_->ListXattr(root, a_->root_ino()), "");
+  EXPECT_TRUE(a_->SetLock(f[1], Want(P, W, 0, 0, 6), true).Is(Code::kAgain));  // kept
+  EXPECT_TRUE(a_->GetXattr(root, a_->root_ino(), "agorafs.lockwaits").status().Is(
+      Code::kNotSupported));
+  for (auto* n : {&a_, &b_}) {
+    ASSERT_TRUE((*n)->Unmount().ok());
+    n->reset();
+  }
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
 }
 
 TEST_F(AppLockFsTest, TimesDoNotMoveAndTheTableHasALimit) {

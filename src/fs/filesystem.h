@@ -75,6 +75,7 @@
 #include "device/block_device.h"
 #include "format/format.h"
 #include "fs/applock.h"
+#include "fs/xattr.h"
 #include "journal/journal.h"
 #include "lock/lock_manager.h"
 
@@ -267,8 +268,17 @@ class Filesystem {
   Result<AppLock> TestLock(uint64_t ino, AppLock want);
   // SetLock: takes (read/write) or drops (kUnlock) `want` under the exclusive gate, and
   // prunes the entries of node generations that are gone. kAgain when a live lock of
-  // another owner conflicts (nothing changed), kNoLocks when the table is full.
-  Status SetLock(uint64_t ino, AppLock want);
+  // another owner conflicts (nothing else changed, but see `wait`), kNoLocks when the
+  // table is full.
+  // `wait`: the caller waits on kAgain and asks again (F_SETLKW). A POSIX request
+  // then stays recorded as waiting (cluster-wide, on the root inode) until a call
+  // grants it or CancelLockWait; and instead of kAgain it gets kDeadlock (recorded no
+  // more) when some holder of a conflicting lock waits, directly or through other
+  // waiting owners, for a lock this owner holds.
+  Status SetLock(uint64_t ino, AppLock want, bool wait = false);
+  // The waiting request `want` (as given to SetLock) stopped waiting without a grant:
+  // interrupted, unmounted, or failed. Nothing if it is not recorded.
+  Status CancelLockWait(uint64_t ino, AppLock want);
   // Drops every lock of `kind` that `owner` of this node holds on `ino` (close/release).
   // Free when this node never locked `ino` since it mounted.
   Status ReleaseLocks(uint64_t ino, AppLockKind kind, uint64_t owner);
@@ -437,6 +447,16 @@ class Filesystem {
   uint64_t remote_at_ = 0;           // revokes_ when remote_ was read; GUARDED_BY(remote_mu_)
   std::atomic<uint64_t> revokes_{0};  // every OnRevoke, to shared or to none
   std::atomic<uint64_t> recovered_{0};  // every RecoverSlot
+
+  // Application locks (applock_ops.cc).
+  Status StoreLockTable(MetaTxn& h, uint64_t ino, const applock::Table& t, xattr::Entries list,
+                        const AppLock& want);
+  // Adds (or with add false removes) the wait of `l` on `ino` in the root inode's
+  // record, pruning the waits of node generations that are gone.
+  Status UpdateLockWaits(MetaTxn& h, uint64_t ino, const AppLock& l, bool add);
+  // Whether `want` waiting on `ino` (whose table is `t`) closes a cycle of waiters.
+  Result<bool> WouldDeadlock(MetaTxn& h, uint64_t ino, const applock::Table& t,
+                             const AppLock& want, const applock::Waits& waits);
 
   // Data (data.cc).
   // Unmaps every block at or past new_size, in bounded transactions; the inode is on

@@ -408,7 +408,7 @@ void Checker::CheckXattrValues(uint64_t ino, const InodeBlock& I, const xattr::E
         why = a.status().message();
       }
     } else if (applock::IsInternalXattr(name)) {
-      if (auto t = applock::Decode(value); !t.ok()) why = t.status().message();
+      if (Status st = applock::CheckInternalXattr(name, value); !st.ok()) why = st.message();
     }
     if (why.empty()) continue;
     AddProblem("bad-xattr-value", ino, ino,

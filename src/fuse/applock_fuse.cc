@@ -125,7 +125,7 @@ void AppLockServer::Flock(fuse_req_t req, uint64_t ino, fuse_file_info* fi, int 
 }
 
 void AppLockServer::Set(fuse_req_t req, uint64_t ino, const AppLock& l, bool sleep) {
-  Status st = fs_->SetLock(ino, l);
+  Status st = fs_->SetLock(ino, l, sleep);
   if (l.type == AppLockType::kUnlock && st.ok()) Kick();
   if (!sleep || !st.Is(Code::kAgain)) return Reply(req, st);
   // Conflict and the caller waits: hand the request to the waiter thread. The
@@ -142,7 +142,17 @@ void AppLockServer::Set(fuse_req_t req, uint64_t ino, const AppLock& l, bool sle
       return;
     }
   }
+  Cancel(ino, l);
   fuse_reply_err(req, EINTR);
+}
+
+void AppLockServer::Cancel(uint64_t ino, const AppLock& l) {
+  if (l.kind != AppLockKind::kPosix) return;  // only POSIX waits are recorded
+  Status st = fs_->CancelLockWait(ino, l);
+  if (!st.ok()) {
+    spdlog::warn("inode {}: forgetting a lock wait: {} (dropped when this node leaves)", ino,
+                 st.ToString());
+  }
 }
 
 void AppLockServer::OnInterrupt(fuse_req_t req, void* data) {
@@ -224,7 +234,7 @@ void AppLockServer::Loop() {
         } else if (t->type != AppLockType::kUnlock) {
           st = Err(Code::kAgain, "still locked");
         } else {
-          st = fs_->SetLock(w->ino, w->lock);
+          st = fs_->SetLock(w->ino, w->lock, true);
         }
         lk.lock();
         if (st.Is(Code::kAgain) && !w->interrupted) continue;  // still waiting
@@ -235,6 +245,7 @@ void AppLockServer::Loop() {
       queue_.remove(w);
       granted = granted || st.ok();
       lk.unlock();
+      if (!st.ok()) Cancel(w->ino, w->lock);
       Reply(w->req, st);
       lk.lock();
     }
@@ -243,7 +254,10 @@ void AppLockServer::Loop() {
   std::list<std::shared_ptr<Wait>> left;
   left.swap(queue_);
   lk.unlock();
-  for (const auto& w : left) fuse_reply_err(w->req, EINTR);
+  for (const auto& w : left) {
+    Cancel(w->ino, w->lock);
+    fuse_reply_err(w->req, EINTR);
+  }
 }
 
 }  // namespace agorafs

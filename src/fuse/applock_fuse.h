@@ -19,7 +19,10 @@
 //   unique per open) is remembered with it, minus the owners a flush of that file
 //   dropped (process owners: their locks go at every close); at release the rest
 //   (the description's own owner) lose their locks.
-// - No deadlock detection across nodes (no EDEADLK).
+// - Deadlocks (POSIX locks only, as on Linux): a blocking request is marked waiting
+//   (Filesystem::SetLock with wait) and answered EDEADLK instead of waiting when its
+//   wait would close a cycle of waiting owners, on any nodes. Every wait that ends
+//   without the lock (EINTR, error, EDEADLK) is taken back (CancelLockWait).
 // Thread-safety: all methods may be called from any FUSE worker thread.
 #pragma once
 
@@ -68,6 +71,8 @@ class AppLockServer {
   };
   static void OnInterrupt(fuse_req_t req, void* data);
   void Set(fuse_req_t req, uint64_t ino, const AppLock& l, bool sleep);
+  // The wait of `l` ended without the lock: takes its record back (best effort).
+  void Cancel(uint64_t ino, const AppLock& l);
   void Kick();
   void Loop();
 

@@ -42,6 +42,7 @@ inline int ToErrno(const Status& s) {
     case Code::kStaleInode: return ESTALE;
     case Code::kNoLocks: return ENOLCK;
     case Code::kInterrupted: return EINTR;
+    case Code::kDeadlock: return EDEADLK;
   }
   return EIO;
 }

@@ -37,6 +37,7 @@ const char* CodeName(Code c) {
     case Code::kStaleInode: return "StaleInode";
     case Code::kNoLocks: return "NoLocks";
     case Code::kInterrupted: return "Interrupted";
+    case Code::kDeadlock: return "Deadlock";
   }
   return "Unknown";
 }

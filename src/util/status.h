@@ -51,6 +51,7 @@ enum class Code : int {
   kStaleInode,    // ESTALE: the inode the caller names was deleted (on another node)
   kNoLocks,       // ENOLCK: an application lock table is full
   kInterrupted,   // EINTR: a wait was interrupted (signal, unmount)
+  kDeadlock,      // EDEADLK: waiting for a lock would close a cycle of waiters
 };
 
 const char* CodeName(Code c);

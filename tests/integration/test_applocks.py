@@ -10,7 +10,8 @@ blocks a process. Checked: exclusive and shared flock across nodes, a blocking f
 that returns only after the holder on another node unlocks; byte ranges (a write lock
 on [0,100) on A lets B lock [100,200) but not [50,60)); F_GETLK type/start/len (pid 0
 for a holder on another node, the real pid on the same node); a signal interrupts a
-blocking F_SETLKW with EINTR; more blocked waiters than the daemon has FUSE worker
+blocking F_SETLKW with EINTR; an F_SETLKW that would close a cycle of waiting
+processes on several nodes gets EDEADLK; more blocked waiters than the daemon has FUSE worker
 threads do not stall the node; an OFD lock goes when its open file description closes
 (not at another close of the same process); killing the holder process frees its locks; kill -9 of
 the holder's node (the daemon) frees its locks once the node is recovered, and the
@@ -236,6 +237,45 @@ class AppLockCases:
         self.assertEqual(b.do("setlk u 0 0"), "ok")
         self.assertEqual(c.reply(), "ok")
         self.assertEqual(b.do("getlk r 155 1"), "w 150 10 0")
+        for x in (a, a2, b, c):
+            x.kill()
+        for i in range(3):
+            r.unmount(i)
+        self.assert_fsck_clean(r)
+
+    def test_fcntl_wait_that_would_deadlock_is_edeadlk_on_any_nodes(self):
+        r = self.rig()
+        a, b, c = self.agent(0), self.agent(1), self.agent(2)
+        a2 = self.agent(0)
+        self.assertEqual(a.do("setlk w 0 10"), "ok")
+        self.assertEqual(b.do("setlk w 100 10"), "ok")
+        # A waits for B's range; B then waiting for A's would close the cycle.
+        a.send("setlkw w 100 1")
+        self.assertTrue(a.no_reply_for(2), "A got a lock B holds")
+        deadlock = f"err {errno.errorcode[errno.EDEADLK]}"  # Python names it EDEADLOCK
+        self.assertEqual(b.do("setlkw w 5 1"), deadlock)
+        # Through a third node and a second process on A's node: A waits for B, B
+        # for C, C for A2; A2 waiting for A closes A2 -> A -> B -> C -> A2.
+        self.assertEqual(c.do("setlk w 200 10"), "ok")
+        self.assertEqual(a2.do("setlk w 300 10"), "ok")
+        b.send("setlkw w 200 1")
+        self.assertTrue(b.no_reply_for(1), "B got a lock C holds")
+        c.send("setlkw w 300 1")
+        self.assertTrue(c.no_reply_for(1), "C got a lock A2 holds")
+        self.assertEqual(a2.do("setlkw w 0 1"), deadlock)
+        # A signal ends C's wait, and its record with it: now A2 just waits.
+        os.kill(c.pid, signal.SIGUSR1)
+        self.assertEqual(c.reply(), "err EINTR")
+        a2.send("setlkw w 0 1")
+        self.assertTrue(a2.no_reply_for(2), "A2 got a lock A holds")
+        # Unlocking hands every wait on: C lets go of 200 (B gets it), B of 100 (A gets
+        # it), A of 0..9 (A2 gets it).
+        self.assertEqual(c.do("setlk u 200 10"), "ok")
+        self.assertEqual(b.reply(), "ok")
+        self.assertEqual(b.do("setlk u 100 10"), "ok")
+        self.assertEqual(a.reply(), "ok")
+        self.assertEqual(a.do("setlk u 0 10"), "ok")
+        self.assertEqual(a2.reply(), "ok")
         for x in (a, a2, b, c):
             x.kill()
         for i in range(3):
