@@ -45,21 +45,6 @@ Status CheckRange(const AppLock& l) {
   return Status::Ok();
 }
 
-// The recorded waits (empty if none). A damaged list is logged and read as empty:
-// it only ever held waits in progress, and the next change rewrites it.
-applock::Waits WaitsOf(const xattr::Entries& list, uint64_t root) {
-  for (const auto& e : list) {
-    if (e.first != applock::kWaitsXattrName) continue;
-    auto w = applock::DecodeWaits(e.second);
-    if (!w.ok()) {
-      spdlog::error("inode {}: {}; lock waits recorded so far are forgotten", root,
-                    w.status().ToString());
-      return applock::Waits{};
-    }
-    return std::move(w).value();
-  }
-  return applock::Waits{};
-}
 
 bool SameWait(const applock::Wait& a, uint64_t ino, const AppLock& l) {
   return a.ino == ino && a.lock.SameOwner(l) && a.lock.type == l.type &&
@@ -124,17 +109,32 @@ Result<bool> Filesystem::WouldDeadlock(MetaTxn& h, uint64_t ino, const applock::
   return false;
 }
 
-Status Filesystem::UpdateLockWaits(MetaTxn& h, uint64_t ino, const AppLock& l, bool add) {
+Result<Filesystem::LockWaits> Filesystem::ReadLockWaits(MetaTxn& h) {
   const uint64_t root = root_ino();
   auto rr = RIno(h, g_, root);
   if (!rr.ok()) return rr.status();
-  AGFS_ASSIGN_OR_RETURN(xattr::Entries list, xattr::List(h, root, **rr));
-  auto old = std::find_if(list.begin(), list.end(),
-                          [](const auto& e) { return e.first == applock::kWaitsXattrName; });
-  const std::string before = old == list.end() ? "" : old->second;
-  const applock::Waits waits = WaitsOf(list, root);
+  LockWaits lw;
+  AGFS_ASSIGN_OR_RETURN(lw.xattrs, xattr::List(h, root, **rr));
+  for (const auto& e : lw.xattrs) {
+    if (e.first != applock::kWaitsXattrName) continue;
+    lw.stored = e.second;
+    auto w = applock::DecodeWaits(e.second);
+    if (w.ok()) {
+      lw.waits = std::move(w).value();
+    } else {
+      // It only ever held waits in progress; the next change rewrites it.
+      spdlog::error("inode {}: {}; lock waits recorded so far are forgotten", root,
+                    w.status().ToString());
+    }
+  }
+  return lw;
+}
+
+Status Filesystem::UpdateLockWaits(MetaTxn& h, LockWaits lw, uint64_t ino, const AppLock& l,
+                                   bool add) {
+  const uint64_t root = root_ino();
   applock::Waits next;
-  for (const applock::Wait& w : waits) {
+  for (const applock::Wait& w : lw.waits) {
     if (SameWait(w, ino, l) || !LockOwnerLive(w.lock.slot, w.lock.generation)) continue;
     next.push_back(w);
   }
@@ -148,11 +148,11 @@ Status Filesystem::UpdateLockWaits(MetaTxn& h, uint64_t ino, const AppLock& l, b
     }
   }
   std::string after = next.empty() ? "" : applock::EncodeWaits(next);
-  if (after == before) return Status::Ok();  // the root inode stays clean
-  PutEntry(&list, applock::kWaitsXattrName, std::move(after));
+  if (after == lw.stored) return Status::Ok();  // the root inode stays clean
+  PutEntry(&lw.xattrs, applock::kWaitsXattrName, std::move(after));
   auto ir = WIno(h, g_, root);
   if (!ir.ok()) return ir.status();
-  Status st = xattr::Store(h, root, *ir, list);
+  Status st = xattr::Store(h, root, *ir, lw.xattrs);
   if (st.Is(Code::kNoSpace)) {
     spdlog::warn("inode {}: no room beside the root's xattrs to record a lock wait", ino);
     return Status::Ok();
@@ -165,7 +165,8 @@ Status Filesystem::CancelLockWait(uint64_t ino, AppLock want) {
   want.generation = member_->generation();
   AGFS_GATE(Exclusive, ino);
   auto h = store_->Begin(false, 8);
-  return UpdateLockWaits(*h, ino, want, false);
+  AGFS_ASSIGN_OR_RETURN(LockWaits lw, ReadLockWaits(*h));
+  return UpdateLockWaits(*h, std::move(lw), ino, want, false);
 }
 
 bool Filesystem::LockOwnerLive(uint32_t slot, uint64_t generation) const {
@@ -226,12 +227,9 @@ Status Filesystem::SetLock(uint64_t ino, AppLock want, bool wait) {
   if (const AppLock* c = applock::FindConflict(t, want, live)) {
     const std::string who = std::to_string(c->slot);
     if (track) {
-      auto rl = RIno(*h, g_, root_ino());
-      if (!rl.ok()) return rl.status();
-      AGFS_ASSIGN_OR_RETURN(xattr::Entries rlist, xattr::List(*h, root_ino(), **rl));
-      AGFS_ASSIGN_OR_RETURN(bool cycle,
-                            WouldDeadlock(*h, ino, t, want, WaitsOf(rlist, root_ino())));
-      AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, ino, want, !cycle));
+      AGFS_ASSIGN_OR_RETURN(LockWaits lw, ReadLockWaits(*h));
+      AGFS_ASSIGN_OR_RETURN(bool cycle, WouldDeadlock(*h, ino, t, want, lw.waits));
+      AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, std::move(lw), ino, want, !cycle));
       if (cycle) {
         return Err(Code::kDeadlock, "inode " + std::to_string(ino) + ": waiting for node slot " +
                                         who + " would deadlock");
@@ -241,7 +239,11 @@ Status Filesystem::SetLock(uint64_t ino, AppLock want, bool wait) {
   }
   // Granted (or an unlock): stores the new table; a granted wait stops waiting after.
   AGFS_RETURN_IF_ERROR(StoreLockTable(*h, ino, t, std::move(list), want));
-  if (track) AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, ino, want, false));
+  if (track) {
+    // Read after the table was stored: when `ino` is the root, that changed its xattrs.
+    AGFS_ASSIGN_OR_RETURN(LockWaits lw, ReadLockWaits(*h));
+    AGFS_RETURN_IF_ERROR(UpdateLockWaits(*h, std::move(lw), ino, want, false));
+  }
   return Status::Ok();
 }
 

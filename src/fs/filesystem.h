@@ -451,9 +451,18 @@ class Filesystem {
   // Application locks (applock_ops.cc).
   Status StoreLockTable(MetaTxn& h, uint64_t ino, const applock::Table& t, xattr::Entries list,
                         const AppLock& want);
-  // Adds (or with add false removes) the wait of `l` on `ino` in the root inode's
-  // record, pruning the waits of node generations that are gone.
-  Status UpdateLockWaits(MetaTxn& h, uint64_t ino, const AppLock& l, bool add);
+  // The root inode's xattrs, the raw wait list among them ("" if none) and its
+  // entries (empty, logged, when it does not decode).
+  struct LockWaits {
+    xattr::Entries xattrs;
+    std::string stored;
+    applock::Waits waits;
+  };
+  Result<LockWaits> ReadLockWaits(MetaTxn& h);
+  // Adds (or with add false removes) the wait of `l` on `ino` in `lw` (as read in this
+  // handle) and stores it, pruning the waits of node generations that are gone; the
+  // root inode is not written when nothing changes.
+  Status UpdateLockWaits(MetaTxn& h, LockWaits lw, uint64_t ino, const AppLock& l, bool add);
   // Whether `want` waiting on `ino` (whose table is `t`) closes a cycle of waiters.
   Result<bool> WouldDeadlock(MetaTxn& h, uint64_t ino, const applock::Table& t,
                              const AppLock& want, const applock::Waits& waits);
