@@ -66,6 +66,10 @@ struct LockService::Impl {
   std::condition_variable cv;         // lock waiters
   std::condition_variable engine_cv;  // engine wake-ups
   std::condition_variable worker_cv;
+  // When the worker's current wait ends (BootNowUs), 0 while it runs: it scans every
+  // pending revoke again before it waits. Unpin wakes it only when the lock's revoke
+  // falls due before that, not at every unpin of a busy lock.
+  uint64_t worker_wake_us = 0;
   bool poked = false;
   bool stopping = false;
   bool fenced = false;
@@ -337,11 +341,10 @@ struct LockService::Impl {
         Poke();
         continue;
       }
-      if (next_due != UINT64_MAX) {
-        worker_cv.wait_for(lk, std::chrono::microseconds(std::max<uint64_t>(50, next_due - now)));
-      } else {
-        worker_cv.wait_for(lk, std::chrono::milliseconds(200));
-      }
+      uint64_t wait_us = next_due != UINT64_MAX ? std::max<uint64_t>(50, next_due - now) : 200000;
+      worker_wake_us = now + wait_us;
+      worker_cv.wait_for(lk, std::chrono::microseconds(wait_us));
+      worker_wake_us = 0;
     }
   }
 
@@ -1123,9 +1126,15 @@ void LockService::Unpin(LockId id) {
   std::lock_guard<std::mutex> g2(impl_->mu);
   auto it = impl_->cl.find(id);
   if (it == impl_->cl.end() || it->second.pins == 0) return;
-  if (--it->second.pins == 0) {
-    it->second.last_used_us = BootNowUs();
-    if (it->second.revoke_pending) impl_->worker_cv.notify_one();
+  Impl::ClientLock& c = it->second;
+  if (--c.pins == 0) {
+    c.last_used_us = BootNowUs();
+    // A busy holder unpins thousands of times a second; waking the worker each time
+    // cost as much CPU as the calls themselves while another node waited.
+    if (c.revoke_pending && impl_->worker_wake_us != 0 &&
+        impl_->RevokeDue(c) < impl_->worker_wake_us) {
+      impl_->worker_cv.notify_one();
+    }
   }
 }
 
