@@ -605,7 +605,7 @@ Status MetaStore::CheckpointInternal() {
   std::vector<JournalBlock> home;
   home.reserve(latest.size());
   for (auto& [blk, buf] : latest) home.push_back(JournalBlock{blk, buf->data()});
-  Status st = WriteHome(dev_, home);
+  Status st = WriteHome(dev_, home, &home_stage_);
   if (st.ok()) st = dev_->Flush();
   uint64_t last = committed_.back().seq;
   if (st.ok()) st = journal_->Checkpoint(last);

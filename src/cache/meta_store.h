@@ -197,6 +197,7 @@ class MetaStore {
   BlockPool pool_;  // before every Buffer and copy, destroyed after them
 
   std::mutex commit_mu_;  // serialises journal I/O; taken before mu_
+  StageBuffer home_stage_;  // checkpoint's home writes, under commit_mu_
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::unordered_map<uint64_t, std::unique_ptr<Buffer>> cache_;  // GUARDED_BY(mu_)

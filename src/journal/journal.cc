@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -150,13 +151,19 @@ Status Journal::WriteLog(uint32_t pos, const uint8_t* buf, uint32_t n) {
   return Status::Ok();
 }
 
-Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks) {
-  // The staging buffer is no larger than the blocks to write: a lock handover's
-  // checkpoint writes a handful, and a 1 MiB buffer is mapped and zeroed afresh every
-  // time (3 ms of page faults on the development VM, more than the rest of a handover).
-  constexpr size_t kStage = 256;
-  AlignedBuffer stage(std::min(kStage, blocks.size()) * kBlockSize);
-  if (!stage.valid()) return Err(Code::kNoMemory, "no memory to write metadata home");
+uint8_t* StageBuffer::Get(size_t blocks) {
+  blocks = std::min(std::max<size_t>(blocks, 1), kMaxBlocks);
+  if (buf_.data() == nullptr || buf_.size() < blocks * kBlockSize) {
+    buf_ = AlignedBuffer(std::min(std::bit_ceil(blocks), kMaxBlocks) * kBlockSize);
+    if (buf_.data() == nullptr) buf_ = AlignedBuffer();  // asks again next time
+  }
+  return buf_.data();
+}
+
+Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks, StageBuffer* stage) {
+  constexpr size_t kStage = StageBuffer::kMaxBlocks;
+  uint8_t* buf = stage->Get(std::min(kStage, blocks.size()));
+  if (buf == nullptr) return Err(Code::kNoMemory, "no memory to write metadata home");
   std::vector<WriteOp> runs;
   size_t k = 0;
   while (k < blocks.size()) {
@@ -164,7 +171,7 @@ Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks) {
     size_t used = 0;  // blocks staged in this batch
     while (k < blocks.size() && used < kStage) {
       const uint64_t start = blocks[k].home;
-      uint8_t* dst = stage.data() + used * kBlockSize;
+      uint8_t* dst = buf + used * kBlockSize;
       size_t n = 0;
       while (k < blocks.size() && blocks[k].home == start + n && used < kStage) {
         std::memcpy(dst + n * kBlockSize, blocks[k].data, kBlockSize);
@@ -218,10 +225,10 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   // The body goes out in pieces of at most kStageBlocks through one staging buffer,
   // so a large transaction costs no memory in proportion to its size (it may be a
   // third of the log: megabytes on top of the metadata cache).
-  constexpr uint32_t kStageBlocks = 256;
-  AlignedBuffer stage(size_t(std::min(body, kStageBlocks)) * kBlockSize);
+  constexpr uint32_t kStageBlocks = StageBuffer::kMaxBlocks;
+  uint8_t* stage = stage_.Get(std::min(body, kStageBlocks));
   AlignedBuffer commit(kBlockSize);
-  if (!stage.valid() || !commit.valid()) return Err(Code::kNoMemory, Where() + ": commit buffer");
+  if (stage == nullptr || !commit.valid()) return Err(Code::kNoMemory, Where() + ": commit buffer");
 
   Hasher hash;
   uint32_t off = 0;      // block index within the transaction
@@ -229,14 +236,14 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   uint32_t written = 0;  // blocks of the body written so far
   Status s;
   auto write_stage = [&] {
-    s = WriteLog((head_pos_ + written) % capacity_, stage.data(), staged);
+    s = WriteLog((head_pos_ + written) % capacity_, stage, staged);
     written += staged;
     staged = 0;
   };
   // The next block of the body, in the staging buffer; writes the buffer out when full.
   auto next_block = [&]() -> uint8_t* {
     if (staged == kStageBlocks) write_stage();
-    return stage.data() + size_t(staged++) * kBlockSize;
+    return stage + size_t(staged++) * kBlockSize;
   };
   uint32_t descs = 0;
   for (size_t first = 0; first < blocks.size() && s.ok(); first += kDescEntries, descs++) {

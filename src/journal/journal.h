@@ -26,7 +26,7 @@
 //   expected by a later replay. Replay is idempotent: a crash during it is repaired
 //   by replaying again.
 // - Commit appends one transaction: DESC and data blocks (one Write per contiguous
-//   run), Flush, COMMIT, Flush. On OK it returns the transaction's sequence and the
+//   run, through a StageBuffer kept between commits), Flush, COMMIT, Flush. On OK it returns the transaction's sequence and the
 //   transaction is durable. kInvalid: empty, a null block, a home outside the data
 //   area, or larger than the whole log. kNoSpace: it does not fit in FreeBlocks()
 //   now (checkpoint first). On an I/O error the transaction may or may not survive a
@@ -60,11 +60,27 @@ struct JournalBlock {
   const uint8_t* data;  // kBlockSize bytes, already sealed by the caller
 };
 
+// An aligned staging buffer that stays mapped from one use to the next. A buffer
+// allocated per commit or checkpoint is mapped and zeroed afresh each time: on the
+// development VM that page-faulting took 1.1 ms of a 78-block commit whose write took
+// 0.1 ms, and a lock handover pays a commit and a checkpoint. It grows to the next
+// power of two of blocks asked for (at most kMaxBlocks, 1 MiB) and never shrinks.
+// Not thread-safe: each owner uses it under the lock that serialises its journal I/O.
+class StageBuffer {
+ public:
+  static constexpr size_t kMaxBlocks = 256;
+  // Room for min(blocks, kMaxBlocks) blocks; nullptr when out of memory.
+  uint8_t* Get(size_t blocks);
+
+ private:
+  AlignedBuffer buf_;
+};
+
 // Writes `blocks` (sorted by home, each home once) to their home addresses: runs of
-// consecutive homes, staged up to 256 blocks at a time, each stage one WriteBatch
-// (FileDevice submits it through io_uring). Returns once every write finished; does
-// not flush. What a checkpoint and a replay both do.
-Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks);
+// consecutive homes, staged in `stage` up to StageBuffer::kMaxBlocks at a time, each
+// stage one WriteBatch (FileDevice submits it through io_uring). Returns once every
+// write finished; does not flush. What a checkpoint and a replay both do.
+Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks, StageBuffer* stage);
 
 struct ReplayStats {
   uint64_t transactions = 0;  // transactions applied
@@ -136,6 +152,7 @@ class Journal {
   std::deque<Txn> txns_;
   bool replayed_ = false;
   bool failed_ = false;
+  StageBuffer stage_;  // Commit's body and Replay's home writes
 };
 
 }  // namespace agorafs

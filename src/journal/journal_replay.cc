@@ -99,7 +99,7 @@ Status Journal::ApplyTxn(const TxnImage& t) {
   std::vector<JournalBlock> home;
   home.reserve(last.size());
   for (size_t i : last) home.push_back(JournalBlock{t.homes[i], t.Data(i)});
-  Status s = WriteHome(dev_, home);
+  Status s = WriteHome(dev_, home, &stage_);
   if (!s.ok()) return Err(s.code(), Where() + ": replay: " + s.message());
   return Status::Ok();
 }
