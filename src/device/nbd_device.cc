@@ -60,18 +60,23 @@ class NbdDevice final : public BlockDevice {
   NbdDevice(const NbdDevice&) = delete;
   NbdDevice& operator=(const NbdDevice&) = delete;
 
+  // Split at max_request_ like a write; the pieces go out together on one handle.
   Status Read(uint64_t offset, void* buf, size_t len) override {
     AGFS_RETURN_IF_ERROR(CheckIo(offset, buf, len, size_));
     auto* p = static_cast<uint8_t*>(buf);
-    for (size_t done = 0; done < len;) {
-      size_t n = static_cast<size_t>(std::min<uint64_t>(len - done, max_request_));
-      uint64_t off = offset + done;
-      AGFS_RETURN_IF_ERROR(Run("read", off, n, [&](nbd_handle* h) {
-        return nbd_aio_pread(h, p + done, n, off, nbd_completion_callback{}, 0);
-      }));
-      done += n;
-    }
-    return Status::Ok();
+    const size_t count = static_cast<size_t>((len + max_request_ - 1) / max_request_);
+    auto range = [&](size_t i) {
+      const uint64_t done = uint64_t(i) * max_request_;
+      return std::make_pair(offset + done,
+                            static_cast<size_t>(std::min<uint64_t>(len - done, max_request_)));
+    };
+    return RunCommands(
+        "read", count,
+        [&](size_t i, nbd_handle* h) {
+          auto [off, n] = range(i);
+          return nbd_aio_pread(h, p + (off - offset), n, off, nbd_completion_callback{}, 0);
+        },
+        range);
   }
 
   Status Write(uint64_t offset, const void* buf, size_t len) override {

@@ -13,7 +13,8 @@
 //   on return) and Flush has nothing to do. A read-only open needs neither.
 //   A writable open of a read-only export is kReadOnly.
 // - Concurrency. Every method may be called from any thread. One libnbd handle serves
-//   one call at a time (a WriteBatch keeps up to 64 writes in flight on it), so the
+//   one call at a time (a WriteBatch, and a Read or Write larger than the server's
+//   maximum request, which is split, keeps up to 64 commands in flight on it), so the
 //   device keeps a pool of NbdOptions::connections handles; a call takes an idle
 //   handle if there is one (starting from a round-robin position) and otherwise
 //   queues on the round-robin one. Several connections are only used when the server advertises multi-conn
