@@ -345,6 +345,7 @@ struct LockService::Impl {
       worker_wake_us = now + wait_us;
       worker_cv.wait_for(lk, std::chrono::microseconds(wait_us));
       worker_wake_us = 0;
+      stats.worker_wakeups++;
     }
   }
 

@@ -74,6 +74,7 @@ class LockService : public LockManager {
     uint64_t lock_calls = 0, cached_hits = 0, requests_sent = 0, grants = 0;
     uint64_t revokes_received = 0, releases_sent = 0, elections = 0, epoch = 0;
     uint64_t exclusive_for_shared = 0;  // shared Lock calls that asked for exclusive
+    uint64_t worker_wakeups = 0;        // the revoke worker's waits that ended
     uint32_t master_slot = kNoSlot;
     bool is_master = false;
     uint64_t recoveries = 0;
