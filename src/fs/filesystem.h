@@ -163,6 +163,7 @@ struct FsInfo {
   uint64_t orphans_handed_over = 0;  // deleted here, still open on another node
   uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
   uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
+  uint64_t lock_revoke_us = 0;     // time those took: commit, write home, drop
 };
 
 class Filesystem {

@@ -26,12 +26,12 @@
 //   expected by a later replay. Replay is idempotent: a crash during it is repaired
 //   by replaying again.
 // - Commit appends one transaction: DESC and data blocks (one Write per contiguous
-//   run, through a StageBuffer kept between commits), Flush, COMMIT, Flush. On OK it returns the transaction's sequence and the
-//   transaction is durable. kInvalid: empty, a null block, a home outside the data
-//   area, or larger than the whole log. kNoSpace: it does not fit in FreeBlocks()
-//   now (checkpoint first). On an I/O error the transaction may or may not survive a
-//   crash (never partially), and the journal fails: every later Commit and
-//   Checkpoint returns kIOError.
+//   run, through a StageBuffer kept between commits), Flush, COMMIT, Flush. On OK it
+//   returns the transaction's sequence and the transaction is durable. kInvalid:
+//   empty, a null block, a home outside the data area, or larger than the whole log.
+//   kNoSpace: it does not fit in FreeBlocks() now (checkpoint first). On an I/O
+//   error the transaction may or may not survive a crash (never partially), and the
+//   journal fails: every later Commit and Checkpoint returns kIOError.
 // - Checkpoint(seq) is called once every transaction with sequence <= seq has been
 //   written home and flushed by the caller. It writes the header (alternating
 //   copies, update + 1) and flushes before the log space is reused. seq below
