@@ -162,7 +162,7 @@ uint8_t* StageBuffer::Get(size_t blocks) {
 
 Status WriteHome(BlockDevice* dev, const std::vector<JournalBlock>& blocks, StageBuffer* stage) {
   constexpr size_t kStage = StageBuffer::kMaxBlocks;
-  uint8_t* buf = stage->Get(std::min(kStage, blocks.size()));
+  uint8_t* buf = stage->Get(blocks.size());
   if (buf == nullptr) return Err(Code::kNoMemory, "no memory to write metadata home");
   std::vector<WriteOp> runs;
   size_t k = 0;
@@ -226,7 +226,7 @@ Result<uint64_t> Journal::Commit(const std::vector<JournalBlock>& blocks) {
   // so a large transaction costs no memory in proportion to its size (it may be a
   // third of the log: megabytes on top of the metadata cache).
   constexpr uint32_t kStageBlocks = StageBuffer::kMaxBlocks;
-  uint8_t* stage = stage_.Get(std::min(body, kStageBlocks));
+  uint8_t* stage = stage_.Get(body);
   AlignedBuffer commit(kBlockSize);
   if (stage == nullptr || !commit.valid()) return Err(Code::kNoMemory, Where() + ": commit buffer");
 
