@@ -26,10 +26,7 @@
 namespace agorafs {
 
 namespace {
-bool Compatible(LockMode a, LockMode b) {
-  if (a == LockMode::kNone || b == LockMode::kNone) return true;
-  return a == LockMode::kShared && b == LockMode::kShared;
-}
+bool ValidMode(uint8_t m) { return m <= uint8_t(LockMode::kIntent); }
 bool LiveState(PeerState s) { return s == PeerState::kAlive || s == PeerState::kObserving; }
 // States whose holder must be recovered before its locks are free.
 bool NeedsRecovery(PeerState s) {
@@ -80,12 +77,12 @@ struct LockService::Impl {
 
   struct ClientLock {
     LockMode held = LockMode::kNone;
-    LockMode wanted = LockMode::kNone;  // outstanding request (> held)
+    LockMode wanted = LockMode::kNone;  // outstanding request (not covered by held)
     bool req_sent = false;
     uint64_t granted_us = 0;
     uint64_t last_used_us = 0;  // when the last pin went
     int pins = 0;
-    int wait_s = 0, wait_x = 0;
+    int waiting[4] = {};  // Lock calls waiting, by the LockMode they want
     uint64_t grant_seq = 0;
     int unserved = 0;  // waiters woken by the last grant that have not pinned yet
     bool revoke_pending = false;
@@ -99,7 +96,7 @@ struct LockService::Impl {
   };
   std::unordered_map<LockId, ClientLock> cl;
   // Indexes into cl so the engine and the worker never scan every cached lock.
-  std::unordered_set<LockId> to_request;  // wanted > held, request not sent
+  std::unordered_set<LockId> to_request;  // wanted not covered by held, request not sent
   std::unordered_set<LockId> revoke_set;  // revoke_pending
   std::vector<Msg> to_master;  // client messages not yet sent (dest filled on send)
 
@@ -182,7 +179,7 @@ struct LockService::Impl {
     bool waiting = false;
     auto stop_wait = [&](ClientLock& c) {
       if (!waiting) return;
-      (mode == LockMode::kExclusive ? c.wait_x : c.wait_s)--;
+      c.waiting[int(mode)]--;
       waiting = false;
     };
     for (;;) {
@@ -193,12 +190,12 @@ struct LockService::Impl {
         if (lapsed) return Err(Code::kFenced, "lease lapsed: this node may not write now");
         return Err(Code::kAborted, "lock service stopped");
       }
-      bool enough = c.held >= mode;
+      bool enough = Covers(c.held, mode);
       bool woken_by_grant = waiting && c.grant_seq != seen_grant && c.unserved > 0;
       // A pending revoke lets local users in until the minimum hold time is over (that
       // is what the hold time is for); after that it goes first, so the node that
       // asked is not starved by this node's own traffic.
-      bool revoke_blocks = (c.revoke_pending && c.revoke_to < mode &&
+      bool revoke_blocks = (c.revoke_pending && !Covers(c.revoke_to, mode) &&
                             BootNowUs() >= c.granted_us + uint64_t(o.min_hold_ms) * 1000) ||
                            c.revoking;
       if (enough && (!revoke_blocks || woken_by_grant) && !c.revoking) {
@@ -210,14 +207,14 @@ struct LockService::Impl {
         return Status::Ok();
       }
       first = false;
-      if (!enough && c.wanted < mode) {
+      if (!enough && !Covers(c.wanted, mode)) {
         // A node whose last hold wrote asks for exclusive even when this caller needs
         // only shared: a node that writes looks a name up first (shared) and then
         // creates (exclusive), and the shared grant would cost the holder a second
         // revoke, to nothing, a moment later. A hold that only reads asks shared again
         // the next time.
-        LockMode ask = mode;
-        if (mode == LockMode::kShared && c.held == LockMode::kNone && c.ask_exclusive) {
+        LockMode ask = Join(c.wanted, mode);
+        if (ask == LockMode::kShared && c.held == LockMode::kNone && c.ask_exclusive) {
           ask = LockMode::kExclusive;
           stats.exclusive_for_shared++;
         }
@@ -228,7 +225,7 @@ struct LockService::Impl {
         Poke();
       }
       if (!waiting) {
-        (mode == LockMode::kExclusive ? c.wait_x : c.wait_s)++;
+        c.waiting[int(mode)]++;
         waiting = true;
       }
       seen_grant = c.grant_seq;
@@ -239,15 +236,17 @@ struct LockService::Impl {
   void ApplyGrant(LockId id, LockMode mode) {
     Busy();
     ClientLock& c = cl[id];
-    if (mode > c.held) c.held = mode;
-    if (c.wanted <= c.held) {
+    c.held = Join(c.held, mode);
+    if (Covers(c.held, c.wanted)) {
       c.wanted = LockMode::kNone;
       c.req_sent = false;
     }
     c.granted_us = BootNowUs();
     c.grant_seq++;
-    c.unserved = (c.held >= LockMode::kShared ? c.wait_s : 0) +
-                 (c.held == LockMode::kExclusive ? c.wait_x : 0);
+    c.unserved = 0;
+    for (int m = 1; m < 4; m++) {
+      if (Covers(c.held, LockMode(m))) c.unserved += c.waiting[m];
+    }
     stats.grants++;
     cv.notify_all();
   }
@@ -256,13 +255,13 @@ struct LockService::Impl {
     Busy();
     stats.revokes_received++;
     ClientLock& c = cl[id];
-    if (c.held <= to && !c.revoking) {
+    if (Covers(to, c.held) && !c.revoking) {
       // Already there (a release crossed the revoke): confirm so the master updates.
       to_master.push_back(MakeMsg(kMsgRelease, id, c.held, 0, 0));
       Poke();
       return;
     }
-    if (!c.revoke_pending || to < c.revoke_to) c.revoke_to = to;
+    c.revoke_to = c.revoke_pending ? Meet(c.revoke_to, to) : to;
     c.revoke_pending = true;
     revoke_set.insert(id);
     worker_cv.notify_one();
@@ -328,7 +327,7 @@ struct LockService::Impl {
           lk.lock();
           continue;
         }
-        if (c2.held > to) c2.held = to;
+        c2.held = Meet(c2.held, to);
         if (c2.held == LockMode::kNone) {
           c2.ask_exclusive = c2.used_exclusive;
           c2.used_exclusive = false;
@@ -364,7 +363,7 @@ struct LockService::Impl {
     to_request.clear();
     for (auto& [id, c] : cl) {
       c.req_sent = false;
-      if (c.wanted > c.held) to_request.insert(id);
+      if (!Covers(c.held, c.wanted)) to_request.insert(id);
       if (!c.revoking && c.revoke_pending) {
         c.revoke_pending = false;  // the new master will ask again
         revoke_set.erase(id);
@@ -399,7 +398,7 @@ struct LockService::Impl {
       // Our own holdings are the first reclaim.
       for (auto& [id, c] : cl) {
         if (c.held != LockMode::kNone) table[id].holders[me] = c.held;
-        if (c.wanted > c.held) {
+        if (!Covers(c.held, c.wanted)) {
           c.req_sent = false;
           to_request.insert(id);
         }
@@ -427,7 +426,7 @@ struct LockService::Impl {
     mbox->SetFloor(start);
     for (auto& [id, c] : cl) {
       if (c.held != LockMode::kNone) to_master.push_back(MakeMsg(kMsgReclaim, id, c.held, 0, 0));
-      if (c.wanted > c.held) {
+      if (!Covers(c.held, c.wanted)) {
         c.req_sent = false;
         to_request.insert(id);
       }
@@ -516,19 +515,23 @@ struct LockService::Impl {
 
   void MasterHandle(uint32_t from, const Msg& msg) {
     Busy();
+    if (!ValidMode(msg.mode)) {
+      spdlog::warn("slot {}: message with unknown lock mode {} from slot {}", me, msg.mode, from);
+      return;
+    }
     LockMode mode = LockMode(msg.mode);
     switch (msg.op) {
       case kMsgRequest: {
         MasterLock& l = table[msg.lock];
         auto h = l.holders.find(from);
-        if (h != l.holders.end() && h->second >= mode) {
+        if (h != l.holders.end() && Covers(h->second, mode)) {
           Send(from, kMsgGrant, msg.lock, h->second);  // duplicate request
           break;
         }
         bool queued = false;
         for (Req& q : l.queue) {
           if (q.slot == from) {
-            q.mode = std::max(q.mode, mode);
+            q.mode = Join(q.mode, mode);
             queued = true;
           }
         }
@@ -587,22 +590,26 @@ struct LockService::Impl {
       MasterLock& l = it->second;
       while (!l.queue.empty()) {
         Req head = l.queue.front();
+        // What the requester holds after the grant: a holder of intent that asks
+        // shared ends up exclusive, and every other holder must make room for that.
+        auto own = l.holders.find(head.slot);
+        const LockMode after =
+            Join(own == l.holders.end() ? LockMode::kNone : own->second, head.mode);
         bool conflict = false;
         for (auto& [h, hm] : l.holders) {
-          if (h == head.slot || Compatible(hm, head.mode)) continue;
+          if (h == head.slot || Compatible(hm, after)) continue;
           conflict = true;
           if (!l.revoke_sent.count(h)) {
-            LockMode to = head.mode == LockMode::kExclusive ? LockMode::kNone : LockMode::kShared;
+            LockMode to = KeepBeside(hm, after);
             Send(h, kMsgRevoke, id, to);
             l.revoke_sent.insert(h);
           }
         }
         if (conflict) break;
-        LockMode& hm = l.holders[head.slot];
-        hm = std::max(hm, head.mode);
+        l.holders[head.slot] = after;
         l.granted_ms[head.slot] = now;
         l.queue.pop_front();
-        Send(head.slot, kMsgGrant, id, hm);
+        Send(head.slot, kMsgGrant, id, after);
       }
       if (l.holders.empty() && l.queue.empty()) table.erase(it);
     }
@@ -769,6 +776,10 @@ struct LockService::Impl {
       if (msg.dest != me || msg.epoch != master.epoch || msg.dest_gen != uint32_t(my_gen)) {
         continue;
       }
+      if (!ValidMode(msg.mode)) {
+        spdlog::warn("slot {}: message with unknown lock mode {} from the master", me, msg.mode);
+        continue;
+      }
       if (msg.op == kMsgGrant) ApplyGrant(msg.lock, LockMode(msg.mode));
       if (msg.op == kMsgRevoke) ApplyRevoke(msg.lock, LockMode(msg.mode));
     }
@@ -785,18 +796,18 @@ struct LockService::Impl {
       master_role = IsMaster();
       epoch = master.epoch;
       // The master's own client: releases first. A release queued by the worker is
-      // older than any request for the same lock in to_request (a request needs
-      // held < wanted, which that release made so). Handling the request first would
-      // find this node still listed as holder, answer it as a duplicate with a grant,
-      // and then let the release drop the holding the client now believes it has:
-      // two nodes exclusive at once.
+      // older than any request for the same lock in to_request (a request needs a
+      // wanted mode that held does not cover, which that release made so). Handling
+      // the request first would find this node still listed as holder, answer it as
+      // a duplicate with a grant, and then let the release drop the holding the
+      // client now believes it has: two nodes exclusive at once.
       if (master_role) {
         for (Msg& msg : to_master) MasterHandle(me, msg);
         to_master.clear();
       }
       for (LockId id : to_request) {
         ClientLock& c = cl[id];
-        if (c.wanted > c.held && !c.req_sent) {
+        if (!Covers(c.held, c.wanted) && !c.req_sent) {
           c.req_sent = true;
           stats.requests_sent++;
           if (master_role) {
@@ -909,7 +920,7 @@ struct LockService::Impl {
         h.ring_start = ring_start;
         for (auto& [id, c] : cl) {
           h.held += c.held != LockMode::kNone;
-          h.waiting += c.wanted > c.held;
+          h.waiting += !Covers(c.held, c.wanted);
         }
         write_header = true;
         published_consumed = master_next;

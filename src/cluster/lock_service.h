@@ -1,19 +1,23 @@
-// LockService: the cluster lock manager. Shared/exclusive locks on 64-bit ids, granted
-// by the lock master of the current epoch over the disk message rings.
+// LockService: the cluster lock manager. Shared, intent and exclusive locks on 64-bit
+// ids (LockMode: intent is compatible with intent only), granted by the lock master of
+// the current epoch over the disk message rings.
 //
 // Contract
-// - Lock(id, mode) returns once this node holds `id` in at least `mode`, with a pin
-//   that keeps it: a revoke waits until every pin on the lock is gone (Unpin). A lock
-//   stays cached after Unpin at no I/O cost until the master revokes it. kFenced when
-//   this node lost its lease, kAborted when the service stops. Callers must not wait
-//   for an upgrade (shared -> exclusive) while pinning the lock shared: unpin first.
-//   Locks held together must be taken in one global order (the caller's ordering).
-//   A shared Lock may be granted exclusive: when the node last went down to nothing
-//   from a hold in which it took the lock exclusively, it asks for exclusive at once
-//   (a writer's lookup would otherwise cost the holder two revokes).
-// - Revocation: the master asks a holder to go down to shared or none. The holder
-//   waits until the lock is unpinned and was held min_hold_ms since its grant (so a
-//   node that waited for a lock gets to use it: no ping-pong) or has not been used for
+// - Lock(id, mode) returns once this node holds `id` in a mode that Covers `mode`, with
+//   a pin that keeps it: a revoke waits until every pin on the lock is gone (Unpin). A
+//   lock stays cached after Unpin at no I/O cost until the master revokes it. kFenced
+//   when this node lost its lease, kAborted when the service stops. Callers must not
+//   wait for an upgrade (shared or intent -> anything more) while pinning the lock:
+//   unpin first. A node holding shared that asks intent (or the reverse) is granted
+//   exclusive. Locks held together must be taken in one global order (the caller's
+//   ordering). A shared Lock may be granted exclusive: when the node last went down to
+//   nothing from a hold in which it took the lock exclusively, it asks for exclusive at
+//   once (a writer's lookup would otherwise cost the holder two revokes).
+// - Revocation: the master asks a holder to go down to the strongest mode it may keep
+//   beside the request (KeepBeside: exclusive keeps shared beside a shared request,
+//   intent beside an intent one; anything else goes to none). The holder waits until
+//   the lock is unpinned and was held min_hold_ms since its grant (so a node that
+//   waited for a lock gets to use it: no ping-pong) or has not been used for
 //   idle_release_us (an idle holder lets go at once), calls the revoke
 //   callback (flush and drop what the lock covers), then sends the release. While a
 //   revoke is pending, new pins that would conflict with it wait (no starvation of the

@@ -96,10 +96,6 @@ Result<InodeBlock*> WIno(MetaTxn& h, const Geometry& g, uint64_t ino) {
 
 namespace {
 
-// The whole filesystem is one cluster lock for now: shared to read, exclusive to
-// change. Its id lives in the kSuper kind, which nothing else uses at run time.
-constexpr LockId kFsLock = MakeLockId(LockKind::kSuper, 1);
-
 // What this thread may do under the gates it holds: kNone outside any gate. A shared
 // gate taken while the node holds the lock exclusively may write too (the pin keeps
 // the node's hold from going down).
@@ -109,7 +105,7 @@ thread_local LockMode t_gate = LockMode::kNone;
 class GateLocks final : public LockManager {
  public:
   Status Acquire(LockId id, LockMode mode) override {
-    if (t_gate >= mode) return Status::Ok();
+    if (Covers(t_gate, mode)) return Status::Ok();
     return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                     " used outside the filesystem lock");
   }
@@ -122,7 +118,7 @@ class GateLocks final : public LockManager {
 bool GateAllowsWrite() { return t_gate == LockMode::kExclusive; }
 
 Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
-  if (t_gate >= mode) return;
+  if (Covers(t_gate, mode)) return;
   if (t_gate != LockMode::kNone) {
     st_ = Err(Code::kInvalid, "filesystem lock upgrade from shared on one thread");
     return;
@@ -137,7 +133,7 @@ Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   pinned_ = true;
   prev_ = t_gate;
   prev_epoch_ = t_gate_epoch;
-  t_gate = std::max(mode, fs_->lsvc_->Held(kFsLock));
+  t_gate = Join(mode, fs_->lsvc_->Held(kFsLock));
   t_gate_epoch = fs_->lock_epoch_.load();
 }
 
@@ -156,14 +152,18 @@ Status Filesystem::OnRevoke(LockMode to) {
   // another node may then free a file open here, which this node answers with ESTALE.
   Status pub = PublishOpens();
   if (!pub.ok()) spdlog::error("{}", pub.ToString());
-  if (to == LockMode::kNone) {
+  // Going down to shared keeps the cache: nobody changes anything beside a shared
+  // holder. Going to none, or to intent, keeps nothing: intent holders change inodes
+  // under their own inode locks, and everything here was cached under this lock alone.
+  const bool keep = to == LockMode::kShared;
+  if (!keep) {
     // From here on, attributes read before are no longer promised current; the hook
     // takes back what the kernel caches.
     lock_epoch_++;
     std::lock_guard<std::mutex> g(hook_mu_);
     if (lock_loss_hook_) lock_loss_hook_();
   }
-  Status st = to == LockMode::kNone ? store_->DropAll() : store_->Sync();
+  Status st = keep ? store_->Sync() : store_->DropAll();
   const auto took = std::chrono::steady_clock::now() - start;
   std::lock_guard<std::mutex> g(info_mu_);
   info_.lock_revokes++;

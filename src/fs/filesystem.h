@@ -33,7 +33,9 @@
 // dies, the lock master replays its journal before anyone gets the lock again.
 //
 // Kernel attribute caching: lock_epoch() moves each time this node gives the
-// filesystem lock up entirely (revoke to none), just before the lock-loss hook runs
+// filesystem lock up entirely or down to intent (a revoke to anything but shared:
+// under intent, other nodes change inodes under their own inode locks), just before
+// the lock-loss hook runs
 // and before the release. Attributes read under a gate carry the epoch of that gate;
 // while it has not moved, nobody else can have changed them. The FUSE adapter lets the
 // kernel cache such attributes (MarkAttrsCached) and, in the hook, invalidates every
@@ -155,6 +157,11 @@ struct MountOptions {
   std::function<void(const Status&)> on_fatal;
 };
 
+// The filesystem lock: the whole filesystem is one cluster lock for now, shared to
+// read, exclusive to change (docs/DESIGN.md, "Next: finer locks", for its intent
+// mode). Its id lives in the kSuper kind, which nothing else uses at run time.
+inline constexpr LockId kFsLock = MakeLockId(LockKind::kSuper, 1);
+
 struct FsInfo {
   uint32_t slot = 0;
   uint64_t generation = 0;
@@ -195,7 +202,8 @@ class Filesystem {
   uint64_t lock_epoch() const { return lock_epoch_.load(); }
   uint64_t LeaseRemainingMs() const { return member_->LeaseRemainingMs(); }
   // `fn` runs on the lock service's worker thread when this node gives the lock up
-  // entirely, after lock_epoch() moved and before the release; nullptr clears it.
+  // entirely or down to intent, after lock_epoch() moved and before the release;
+  // nullptr clears it.
   void SetLockLossHook(std::function<void()> fn);
   // Remembers that the kernel caches attributes of `ino`; false (nothing remembered,
   // hand out no timeout) when the kernel holds no reference to it, or when

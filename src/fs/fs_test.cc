@@ -725,6 +725,46 @@ TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
   EXPECT_EQ(ReadAll(g2), "alone");
 }
 
+// A node that holds the filesystem lock and is revoked down to intent (another node
+// asked for intent, under which operations take inode locks of their own) keeps
+// nothing it cached under the filesystem lock alone, and takes back the kernel's
+// attributes, exactly as when it gives the lock up. Its next operation waits for the
+// intent holder, then holds the lock exclusively (intent and shared make exclusive).
+TEST_F(FsTest, RevokeToIntentDropsEverythingCachedUnderTheFilesystemLock) {
+  uint64_t f = Create(Root(), "f");
+  WriteAt(f, 0, "kept");
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  std::atomic<int> lost{0};
+  fs_->SetLockLossHook([&] { lost++; });
+  Create(Root(), "g");  // takes the lock back from b, exclusively
+  ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kExclusive);
+  EXPECT_GT(fs_->store()->stats().cached_blocks, 0u);
+  const uint64_t epoch = fs_->lock_epoch();
+  const int lost_before = lost.load();
+
+  ASSERT_TRUE(b->lock_service()->Lock(kFsLock, LockMode::kIntent).ok());
+  EXPECT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
+  EXPECT_EQ(fs_->store()->stats().cached_blocks, 0u);
+  EXPECT_GT(fs_->lock_epoch(), epoch);
+  EXPECT_EQ(lost.load(), lost_before + 1);
+
+  std::atomic<bool> done{false};
+  std::thread reader([&] {
+    EXPECT_TRUE(fs_->GetAttr(f).ok());
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(done.load()) << "a shared gate passed while another node held intent";
+  b->lock_service()->Unpin(kFsLock);
+  reader.join();
+  EXPECT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kExclusive);
+  EXPECT_EQ(ReadAll(f), "kept");
+  EXPECT_EQ(List(Root()), (std::set<std::string>{".", "..", "f", "g"}));
+  fs_->SetLockLossHook(nullptr);
+  ASSERT_TRUE(b->Unmount().ok());
+}
+
 // A file deleted on one node stays readable and writable on a node that has it open
 // (it moves onto that node's orphan list), and its space comes back once that node
 // closes it.
