@@ -185,6 +185,11 @@ struct LockService::Impl {
     for (;;) {
       ClientLock& c = cl[id];
       if (fenced || lapsed || stopping) {
+        // A waiter the last grant woke and counted as unserved leaves without its
+        // pin: uncount it, or a pending revoke waits for it forever (RevokeReady).
+        if (waiting && c.grant_seq != seen_grant && c.unserved > 0 && Covers(c.held, mode)) {
+          c.unserved--;
+        }
         stop_wait(c);
         if (fenced) return Err(Code::kFenced, "node was fenced: its lease ran out");
         if (lapsed) return Err(Code::kFenced, "lease lapsed: this node may not write now");
@@ -595,7 +600,12 @@ struct LockService::Impl {
         auto own = l.holders.find(head.slot);
         const LockMode after =
             Join(own == l.holders.end() ? LockMode::kNone : own->second, head.mode);
-        bool conflict = false;
+        // A requester that was sent a revoke has a release on the way (every revoke
+        // gets one), which says the mode it went down to, absolutely. Granted before
+        // that release is read, the release would then erase the new grant here
+        // while the requester holds it: wait for the release first. (Reached when the
+        // request the revoke made room for went away: its node died or left.)
+        bool conflict = l.revoke_sent.count(head.slot) > 0;
         for (auto& [h, hm] : l.holders) {
           if (h == head.slot || Compatible(hm, after)) continue;
           conflict = true;

@@ -7,9 +7,9 @@
 //   a pin that keeps it: a revoke waits until every pin on the lock is gone (Unpin). A
 //   lock stays cached after Unpin at no I/O cost until the master revokes it. kFenced
 //   when this node lost its lease, kAborted when the service stops. Callers must not
-//   wait for an upgrade (shared or intent -> anything more) while pinning the lock:
-//   unpin first. A node holding shared that asks intent (or the reverse) is granted
-//   exclusive. Locks held together must be taken in one global order (the caller's
+//   wait for a mode its pin does not cover (shared -> intent or exclusive, intent ->
+//   shared or exclusive) while pinning the lock: unpin first. A node holding shared
+//   that asks intent (or the reverse) is granted exclusive. Locks held together must be taken in one global order (the caller's
 //   ordering). A shared Lock may be granted exclusive: when the node last went down to
 //   nothing from a hold in which it took the lock exclusively, it asks for exclusive at
 //   once (a writer's lookup would otherwise cost the holder two revokes).

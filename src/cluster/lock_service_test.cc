@@ -595,6 +595,50 @@ TEST(LockService, MixedModesExcludeExactly) {
   EXPECT_GE(max_in_intent.load(), 2) << "intent holders of different nodes never overlapped";
 }
 
+// A node that was sent a revoke and asks for more before its release arrives is
+// granted only after the master read that release: the release says "none"
+// absolutely, and read after the grant it would erase the grant at the master while
+// the node holds it. Here the request the revoke made room for goes away (its node
+// leaves) while the revoke waits for the minimum hold time.
+TEST(LockService, RequesterWithARevokeOutstandingIsGrantedAfterItsRelease) {
+  Cluster c;
+  std::atomic<int> a_revokes{0};
+  LockService::Options oa;
+  oa.min_hold_ms = 1000;
+  oa.idle_release_us = 10'000'000;
+  oa.on_revoke = [&](LockId, LockMode) {
+    a_revokes++;
+    return Status::Ok();
+  };
+  auto a = c.Start(oa);
+  auto b = c.Start();
+  ASSERT_TRUE(a->ls->Lock(kL1, LockMode::kShared).ok());
+  a->ls->Unpin(kL1);
+  std::thread tb([&] {
+    // Aborted when b stops below.
+    EXPECT_FALSE(b->ls->Lock(kL1, LockMode::kExclusive).ok());
+  });
+  // Wait until the master has sent a its revoke (a revoke to none, for b).
+  for (int i = 0; i < 500 && a->ls->stats().revokes_received == 0; i++) {
+    std::this_thread::sleep_for(2ms);
+  }
+  ASSERT_EQ(a->ls->stats().revokes_received, 1u);
+  std::atomic<int> revokes_at_grant{-1};
+  std::thread ta([&] {
+    EXPECT_TRUE(a->ls->Lock(kL1, LockMode::kExclusive).ok());
+    revokes_at_grant = a_revokes.load();
+    a->ls->Unpin(kL1);
+  });
+  std::this_thread::sleep_for(50ms);  // a's request reaches the master's queue
+  b->ls->Stop();
+  tb.join();
+  ASSERT_TRUE(b->m->Leave().ok());
+  b.reset();
+  ta.join();
+  EXPECT_EQ(revokes_at_grant.load(), 1) << "granted exclusive before its release of shared";
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kExclusive);
+}
+
 TEST(LockService, ExclusiveWaiterIsNotStarvedBySharedStream) {
   Cluster c;
   auto a = c.Start();

@@ -120,7 +120,7 @@ bool GateAllowsWrite() { return t_gate == LockMode::kExclusive; }
 Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   if (Covers(t_gate, mode)) return;
   if (t_gate != LockMode::kNone) {
-    st_ = Err(Code::kInvalid, "filesystem lock upgrade from shared on one thread");
+    st_ = Err(Code::kInvalid, "filesystem lock upgrade inside a gate on one thread");
     return;
   }
   st_ = fs_->lsvc_->Lock(kFsLock, mode);
