@@ -26,7 +26,6 @@
 namespace agorafs {
 
 namespace {
-bool ValidMode(uint8_t m) { return m <= uint8_t(LockMode::kIntent); }
 bool LiveState(PeerState s) { return s == PeerState::kAlive || s == PeerState::kObserving; }
 // States whose holder must be recovered before its locks are free.
 bool NeedsRecovery(PeerState s) {
@@ -184,19 +183,17 @@ struct LockService::Impl {
     };
     for (;;) {
       ClientLock& c = cl[id];
+      const bool woken_by_grant = waiting && c.grant_seq != seen_grant && c.unserved > 0;
       if (fenced || lapsed || stopping) {
         // A waiter the last grant woke and counted as unserved leaves without its
         // pin: uncount it, or a pending revoke waits for it forever (RevokeReady).
-        if (waiting && c.grant_seq != seen_grant && c.unserved > 0 && Covers(c.held, mode)) {
-          c.unserved--;
-        }
+        if (woken_by_grant && Covers(c.held, mode)) c.unserved--;
         stop_wait(c);
         if (fenced) return Err(Code::kFenced, "node was fenced: its lease ran out");
         if (lapsed) return Err(Code::kFenced, "lease lapsed: this node may not write now");
         return Err(Code::kAborted, "lock service stopped");
       }
       bool enough = Covers(c.held, mode);
-      bool woken_by_grant = waiting && c.grant_seq != seen_grant && c.unserved > 0;
       // A pending revoke lets local users in until the minimum hold time is over (that
       // is what the hold time is for); after that it goes first, so the node that
       // asked is not starved by this node's own traffic.
@@ -520,7 +517,7 @@ struct LockService::Impl {
 
   void MasterHandle(uint32_t from, const Msg& msg) {
     Busy();
-    if (!ValidMode(msg.mode)) {
+    if (!IsLockMode(msg.mode)) {
       spdlog::warn("slot {}: message with unknown lock mode {} from slot {}", me, msg.mode, from);
       return;
     }
@@ -786,7 +783,7 @@ struct LockService::Impl {
       if (msg.dest != me || msg.epoch != master.epoch || msg.dest_gen != uint32_t(my_gen)) {
         continue;
       }
-      if (!ValidMode(msg.mode)) {
+      if (!IsLockMode(msg.mode)) {
         spdlog::warn("slot {}: message with unknown lock mode {} from the master", me, msg.mode);
         continue;
       }

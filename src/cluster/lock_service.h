@@ -9,10 +9,11 @@
 //   when this node lost its lease, kAborted when the service stops. Callers must not
 //   wait for a mode its pin does not cover (shared -> intent or exclusive, intent ->
 //   shared or exclusive) while pinning the lock: unpin first. A node holding shared
-//   that asks intent (or the reverse) is granted exclusive. Locks held together must be taken in one global order (the caller's
-//   ordering). A shared Lock may be granted exclusive: when the node last went down to
-//   nothing from a hold in which it took the lock exclusively, it asks for exclusive at
-//   once (a writer's lookup would otherwise cost the holder two revokes).
+//   that asks intent (or the reverse) is granted exclusive. Locks held together must be
+//   taken in one global order (the caller's ordering). A shared Lock may be granted
+//   exclusive: when the node last went down to nothing from a hold in which it took
+//   the lock exclusively, it asks for exclusive at once (a writer's lookup would
+//   otherwise cost the holder two revokes).
 // - Revocation: the master asks a holder to go down to the strongest mode it may keep
 //   beside the request (KeepBeside: exclusive keeps shared beside a shared request,
 //   intent beside an intent one; anything else goes to none). The holder waits until

@@ -477,17 +477,16 @@ TEST(LockService, IntentHoldersShareTheLockButNotWithShared) {
     std::vector<LockMode> to;
   };
   Seen sa, sb;
+  auto record = [](Seen& s) {
+    return [&s](LockId, LockMode to) {
+      std::lock_guard<std::mutex> g(s.mu);
+      s.to.push_back(to);
+      return Status::Ok();
+    };
+  };
   LockService::Options oa, ob;
-  oa.on_revoke = [&](LockId, LockMode to) {
-    std::lock_guard<std::mutex> g(sa.mu);
-    sa.to.push_back(to);
-    return Status::Ok();
-  };
-  ob.on_revoke = [&](LockId, LockMode to) {
-    std::lock_guard<std::mutex> g(sb.mu);
-    sb.to.push_back(to);
-    return Status::Ok();
-  };
+  oa.on_revoke = record(sa);
+  ob.on_revoke = record(sb);
   auto a = c.Start(oa);
   auto b = c.Start(ob);
   // a holds exclusive; b's intent request leaves a with intent, and both pin it.

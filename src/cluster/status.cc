@@ -29,9 +29,7 @@ Result<bool> ReadTyped(BlockDevice* dev, uint64_t blk, BlockType t, const Uuid& 
 
 std::string Str(const char* p, size_t n) { return std::string(p, strnlen(p, n)); }
 
-const char* ModeName(uint8_t m) {
-  return m <= uint8_t(LockMode::kIntent) ? LockModeName(LockMode(m)) : "?";
-}
+const char* ModeName(uint8_t m) { return IsLockMode(m) ? LockModeName(LockMode(m)) : "?"; }
 const char* WhatName(uint8_t w) {
   return w == kSnapWaiting ? "waiting" : w == kSnapRevoking ? "revoking" : "held";
 }

@@ -25,11 +25,14 @@ namespace agorafs {
 
 // Modes of a lock. kShared and kExclusive are the usual read and write modes.
 // kIntent is held by nodes whose operations also take finer locks under this one
-// (docs/DESIGN.md "Finer locks"): intent holders share the lock with each other, but
+// (docs/DESIGN.md "Next: finer locks"): intent holders share the lock with each other, but
 // not with shared or exclusive holders. So the modes are not ordered: exclusive covers
 // every mode, while shared and intent do not cover each other. Use Covers, Join and
 // Meet, never <, >, or max. (The values are on disk in lock messages.)
 enum class LockMode : uint8_t { kNone = 0, kShared = 1, kExclusive = 2, kIntent = 3 };
+
+// Whether a mode byte read from the device is a LockMode.
+constexpr bool IsLockMode(uint8_t m) { return m <= uint8_t(LockMode::kIntent); }
 
 // Whether holding `held` allows what `want` allows.
 constexpr bool Covers(LockMode held, LockMode want) {
@@ -81,7 +84,8 @@ class LockManager {
   using RevokeFn = std::function<Status(LockId, LockMode)>;
 
   virtual ~LockManager() = default;
-  // Returns once this node holds `id` in a mode that covers `mode`. kTimedOut / kFenced on failure.
+  // Returns once this node holds `id` in a mode that covers `mode`. kTimedOut /
+  // kFenced on failure.
   virtual Status Acquire(LockId id, LockMode mode) = 0;
   virtual LockMode Held(LockId id) const = 0;
   virtual void SetRevokeCallback(RevokeFn fn) = 0;
