@@ -154,6 +154,8 @@ static bool ParseMountOptions(const std::string& s, MountOptions* mo, FuseOption
       (key == "attr_timeout" ? fo->attr_timeout : fo->entry_timeout) = t;
     } else if (key == "nonet") {
       mo->net_bind.clear();
+    } else if (key == "nointent") {
+      mo->intent_locks = false;
     } else if (key == "net") {
       // The lock service's wake-up channel: UDP on this address, published in the
       // node's heartbeat block; messages themselves always go through the disk.

@@ -45,8 +45,8 @@ int main(int argc, char** argv) {
   mount->add_flag("-f,--foreground", mo.foreground, "Stay in the foreground");
   mount->add_option("-o", mo.options,
                     "Comma-separated: allow_other, cache=SIZE, commit=SECONDS, net=IP:PORT, nonet, "
-                    "poll=MS, hold=MS, attr_timeout=SECONDS, entry_timeout=SECONDS, nosuid, "
-                    "nodev, noexec, fsname=NAME, allow_world_writable")
+                    "nointent, poll=MS, hold=MS, attr_timeout=SECONDS, entry_timeout=SECONDS, "
+                    "nosuid, nodev, noexec, fsname=NAME, allow_world_writable")
       ->default_val("");
   mount->add_option("DEVICE", mo.device, "Block device or image file")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "Directory to mount on")->required();

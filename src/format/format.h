@@ -32,6 +32,11 @@ inline constexpr uint32_t kBlockSize = 4096;
 inline constexpr uint32_t kBlockShift = 12;
 inline constexpr uint32_t kMagic = 0x53464741;  // "AGFS"
 inline constexpr uint32_t kFormatVersion = 2;  // 2: open-file tables in the node slots
+// features_incompat bits. Intent locks: nodes take the filesystem lock in mode 3
+// (intent) beside inode locks; a binary that does not know mode 3 would read a revoke
+// to intent as already satisfied and keep writing, so it must not mount.
+inline constexpr uint64_t kIncompatIntentLocks = 1;
+inline constexpr uint64_t kKnownIncompat = kIncompatIntentLocks;
 inline constexpr uint32_t kMaxNameLen = 255;
 inline constexpr uint32_t kMinNodeSlots = 1;
 inline constexpr uint32_t kMaxNodeSlots = 1024;

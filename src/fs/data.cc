@@ -93,7 +93,7 @@ Status Filesystem::ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& 
 }
 
 Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* buf) {
-  AGFS_GATE(Shared, ino);
+  AGFS_INODE_GATE(Shared, ino);
   auto st = State(ino);
   std::shared_lock<std::shared_mutex> io(st->io);
   std::vector<extent::Mapping> maps;
@@ -157,14 +157,50 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
   return len;
 }
 
+// A write first tries the inode's own lock (InodeGate): enough when it lands on blocks
+// already written, the case of a VM image or database file rewritten in place. One
+// that must allocate, convert inline data or mark blocks written needs the allocator,
+// which only the exclusive filesystem lock covers (until AG locks): it starts over
+// under that. The node remembers per inode that the last write allocated and then
+// goes to the exclusive lock at once (an appender would otherwise ask twice).
 Result<size_t> Filesystem::Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
                                  size_t len, bool append) {
+  auto remember = [&](bool allocated) {
+    std::lock_guard<std::mutex> g(states_mu_);
+    auto it = refs_.find(ino);
+    if (it != refs_.end()) it->second.write_allocates = allocated;
+  };
+  bool try_in_place = intent_locks_;
+  if (try_in_place) {
+    std::lock_guard<std::mutex> g(states_mu_);
+    auto it = refs_.find(ino);
+    try_in_place = it == refs_.end() || !it->second.write_allocates;
+  }
+  if (try_in_place) {
+    AGFS_INODE_GATE(Exclusive, ino);
+    const bool in_place_only = !GateAllowsWrite();  // not the exclusive lock
+    bool allocated = false;
+    auto r = RetryOnNoSpace(store_.get(), [&] {
+      return WriteOnce(c, ino, off, buf, len, append, in_place_only, &allocated);
+    });
+    if (!r.ok() || !allocated || !in_place_only) {
+      if (r.ok()) remember(allocated);
+      return r;
+    }
+  }
   AGFS_GATE(Exclusive, ino);
-  return RetryOnNoSpace(store_.get(), [&] { return WriteOnce(c, ino, off, buf, len, append); });
+  bool allocated = false;
+  auto r = RetryOnNoSpace(store_.get(), [&] {
+    return WriteOnce(c, ino, off, buf, len, append, false, &allocated);
+  });
+  if (r.ok() && intent_locks_) remember(allocated);
+  return r;
 }
 
 Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off,
-                                     const char* buf, size_t len, bool append) {
+                                     const char* buf, size_t len, bool append,
+                                     bool in_place_only, bool* allocated) {
+  if (allocated) *allocated = false;
   if (len == 0) return size_t(0);
   auto st = State(ino);
   std::unique_lock<std::mutex> wl(st->write_mu);
@@ -197,10 +233,21 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
         KillPriv(c, I);
         return len;
       }
+      if (allocated) *allocated = true;
+      if (in_place_only) return size_t(0);
       AGFS_RETURN_IF_ERROR(ConvertInlineToExtents(*h, ino, I));
     }
     old_size = I->size;
     uint64_t first = off / kBlockSize, last = (end - 1) / kBlockSize;
+    for (uint64_t l = first; in_place_only && l <= last;) {
+      auto m = extent::Lookup(*h, ino, *I, l);
+      if (!m.ok()) return m.status();
+      if (!Written(*m)) {
+        if (allocated) *allocated = true;
+        return size_t(0);
+      }
+      l = m->logical + m->len;
+    }
     // A gap from the old end of file: the rest of the old last block must read as
     // zeros, whatever an interrupted write left there (see ZeroPartialBlock).
     if (off > old_size && old_size / kBlockSize < first) {
@@ -211,6 +258,7 @@ Result<size_t> Filesystem::WriteOnce(const Caller& c, uint64_t ino, uint64_t off
       auto r = extent::MapOrAllocate(*h, ino, I, l, want, true, ino);
       if (!r.ok()) return r.status();
       extent::Mapping m = r->m;
+      if (allocated && !Written(m)) *allocated = true;
       m.len = static_cast<uint32_t>(std::min<uint64_t>(m.len, last - l + 1));
       maps.push_back(m);
       l += m.len;
@@ -442,7 +490,7 @@ Result<size_t> Filesystem::CopyFileRange(const Caller& c, uint64_t ino_in, uint6
 }
 
 Status Filesystem::Fsync(uint64_t ino, bool) {
-  AGFS_GATE(Shared, ino);
+  AGFS_INODE_GATE(Shared, ino);
   return store_->Commit();
 }
 

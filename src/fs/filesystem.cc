@@ -50,13 +50,23 @@ namespace {
 // lock_epoch() when this thread's outermost gate pinned the lock (0 outside gates):
 // no revoke to none can happen while the pin is held.
 thread_local uint64_t t_gate_epoch = 0;
+// What this thread may do under the gates it holds: kNone outside any gate. A shared
+// gate taken while the node holds the lock exclusively may write too (the pin keeps
+// the node's hold from going down).
+thread_local LockMode t_gate = LockMode::kNone;
+// Under intent (t_gate == kIntent): the inode lock this thread's InodeGate pinned,
+// and in which mode. Only its blocks may be read or written.
+thread_local LockId t_inode_lock = 0;
+thread_local LockMode t_inode_mode = LockMode::kNone;
 }  // namespace
 
-uint64_t GateEpoch() { return t_gate_epoch; }
+// Under intent, other nodes change other inodes meanwhile: nothing read here is
+// promised current beyond the inode lock, which the kernel cannot be told about.
+uint64_t GateEpoch() { return t_gate == LockMode::kIntent ? 0 : t_gate_epoch; }
 
 Attr AttrOf(uint64_t ino, const InodeBlock& i) {
   Attr a;
-  a.lock_epoch = t_gate_epoch;
+  a.lock_epoch = GateEpoch();
   a.ino = ino;
   a.generation = i.generation;
   a.mode = i.mode;
@@ -96,22 +106,36 @@ Result<InodeBlock*> WIno(MetaTxn& h, const Geometry& g, uint64_t ino) {
 
 namespace {
 
-// What this thread may do under the gates it holds: kNone outside any gate. A shared
-// gate taken while the node holds the lock exclusively may write too (the pin keeps
-// the node's hold from going down).
-thread_local LockMode t_gate = LockMode::kNone;
-
-// The LockManager MetaStore checks: every block access must happen under a gate.
+// The LockManager MetaStore checks: every block access must happen under a gate, and
+// under intent only the blocks of the inode lock the thread pinned. Held() answers
+// for the thread, which is what MetaStore's inode readahead needs: under intent it
+// caches no neighbour (their locks may be on their way to another node).
 class GateLocks final : public LockManager {
  public:
   Status Acquire(LockId id, LockMode mode) override {
+    if (t_gate == LockMode::kIntent) {
+      if (id == t_inode_lock && Covers(t_inode_mode, mode)) return Status::Ok();
+      return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
+                                      " used under intent without its inode lock");
+    }
     if (Covers(t_gate, mode)) return Status::Ok();
     return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                     " used outside the filesystem lock");
   }
-  LockMode Held(LockId) const override { return t_gate; }
+  LockMode Held(LockId id) const override {
+    if (t_gate == LockMode::kIntent) return id == t_inode_lock ? t_inode_mode : LockMode::kNone;
+    return t_gate;
+  }
   void SetRevokeCallback(RevokeFn) override {}
 };
+
+// The lock service's errors as a filesystem call reports them.
+Status GateError(Status st) {
+  if (st.Is(Code::kFenced) || st.Is(Code::kAborted)) {
+    return Err(Code::kIOError, "this node lost its place in the cluster: " + st.message());
+  }
+  return st;
+}
 
 }  // namespace
 
@@ -123,13 +147,8 @@ Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
     st_ = Err(Code::kInvalid, "filesystem lock upgrade inside a gate on one thread");
     return;
   }
-  st_ = fs_->lsvc_->Lock(kFsLock, mode);
-  if (!st_.ok()) {
-    if (st_.Is(Code::kFenced) || st_.Is(Code::kAborted)) {
-      st_ = Err(Code::kIOError, "this node lost its place in the cluster: " + st_.message());
-    }
-    return;
-  }
+  st_ = GateError(fs_->lsvc_->Lock(kFsLock, mode));
+  if (!st_.ok()) return;
   pinned_ = true;
   prev_ = t_gate;
   prev_epoch_ = t_gate_epoch;
@@ -142,6 +161,41 @@ Filesystem::Gate::~Gate() {
   t_gate = prev_;
   t_gate_epoch = prev_epoch_;
   fs_->lsvc_->Unpin(kFsLock);
+}
+
+Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : fs_(fs) {
+  LockMode fs_mode = mode;
+  if (fs_->intent_locks_ && t_gate == LockMode::kIntent) {
+    fs_mode = LockMode::kIntent;
+  } else if (fs_->intent_locks_ && t_gate == LockMode::kNone) {
+    const LockMode held = fs_->lsvc_->Held(kFsLock);
+    if (!Covers(held, mode) && (mode == LockMode::kExclusive || held == LockMode::kIntent)) {
+      fs_mode = LockMode::kIntent;
+    }
+  }
+  gate_.emplace(fs_, fs_mode);
+  st_ = gate_->status();
+  if (!st_.ok() || t_gate != LockMode::kIntent) return;
+  const LockId id = InodeLock(ino);
+  if (t_inode_lock != 0) {
+    if (t_inode_lock == id && Covers(t_inode_mode, mode)) return;
+    st_ = Err(Code::kInvalid, "a second inode lock inside an intent gate on one thread");
+    return;
+  }
+  st_ = GateError(fs_->lsvc_->Lock(id, mode));
+  if (!st_.ok()) return;
+  pinned_ = id;
+  t_inode_lock = id;
+  t_inode_mode = mode;
+}
+
+Filesystem::InodeGate::~InodeGate() {
+  if (pinned_ != 0) {
+    t_inode_lock = 0;
+    t_inode_mode = LockMode::kNone;
+    fs_->lsvc_->Unpin(pinned_);
+  }
+  gate_.reset();
 }
 
 // Runs on the lock service's worker thread once no gate is open on this node.
@@ -171,6 +225,19 @@ Status Filesystem::OnRevoke(LockMode to) {
   return st;
 }
 
+// Runs on the lock service's worker thread once no InodeGate pins the lock. Nothing
+// to take back from the kernel: attributes read under intent got no timeout, and
+// those read under the filesystem lock alone went when it moved to intent.
+Status Filesystem::OnInodeRevoke(LockId id, LockMode to) {
+  const auto start = std::chrono::steady_clock::now();
+  Status st = to == LockMode::kShared ? store_->Sync() : store_->DropLock(id);
+  const auto took = std::chrono::steady_clock::now() - start;
+  std::lock_guard<std::mutex> g(info_mu_);
+  info_.inode_lock_revokes++;
+  info_.lock_revoke_us += std::chrono::duration_cast<std::chrono::microseconds>(took).count();
+  return st;
+}
+
 Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   uint64_t gen = 0;
   {
@@ -182,11 +249,16 @@ Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   if (gen == 0) return Status::Ok();
   if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
   // A damaged bitmap block must not make every inode it covers unreachable: the
-  // inode block's own checks below still catch a deleted or reused inode.
-  auto used = h.Allocated(ino);
-  if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
-  if (used.ok() && !*used) {
-    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  // inode block's own checks below still catch a deleted or reused inode. Under
+  // intent the bitmap (the AG's) is not ours to read, and those checks suffice: a
+  // freed inode block keeps nlink 0 until it is reused, and then fails the type or
+  // generation check.
+  if (t_gate != LockMode::kIntent) {
+    auto used = h.Allocated(ino);
+    if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
+    if (used.ok() && !*used) {
+      return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+    }
   }
   auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
   if (!r.ok()) {
@@ -234,6 +306,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   fs->uuid_ = SuperUuid(fs->sb_);
   fs->dev_ = std::move(dev);
   fs->locks_ = std::make_unique<GateLocks>();
+  fs->intent_locks_ = opts.intent_locks && (fs->sb_.features_incompat & kIncompatIntentLocks);
 
   Membership::Options mo;
   mo.host = *HostName(opts);
@@ -260,8 +333,9 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   lo.net_bind = opts.net_bind;
   Filesystem* f = fs.get();
   lo.on_revoke = [f](LockId id, LockMode to) -> Status {
-    if (id != kFsLock) return Status::Ok();
-    return f->OnRevoke(to);
+    if (id == kFsLock) return f->OnRevoke(to);
+    if (LockIdKind(id) == LockKind::kInode) return f->OnInodeRevoke(id, to);
+    return Status::Ok();
   };
   lo.on_recover = [f](uint32_t slot, uint64_t gen) { return f->RecoverSlot(slot, gen); };
   lo.on_fatal = [hook = opts.on_fatal](const Status& st) {
@@ -356,10 +430,10 @@ Status Filesystem::Unmount() {
   // What the lock handovers cost this node, for an administrator comparing mounts.
   StoreStats ss = store_->stats();
   FsInfo fi = info();
-  spdlog::info("unmounted slot {}: {} lock revokes ({} ms in all); metadata cache {} hits, {} "
-               "misses; {} journal commits ({} blocks), {} checkpoints",
-               fi.slot, fi.lock_revokes, fi.lock_revoke_us / 1000, ss.cache_hits,
-               ss.cache_misses, ss.commits, ss.blocks_journaled, ss.checkpoints);
+  spdlog::info("unmounted slot {}: {} filesystem and {} inode lock revokes ({} ms in all); "
+               "metadata cache {} hits, {} misses; {} journal commits ({} blocks), {} checkpoints",
+               fi.slot, fi.lock_revokes, fi.inode_lock_revokes, fi.lock_revoke_us / 1000,
+               ss.cache_hits, ss.cache_misses, ss.commits, ss.blocks_journaled, ss.checkpoints);
   return Status::Ok();
 }
 
@@ -780,7 +854,7 @@ void Filesystem::JanitorLoop() {
 // Attributes
 
 Result<Attr> Filesystem::GetAttr(uint64_t ino) {
-  Gate gate(this, LockMode::kShared);
+  InodeGate gate(this, ino, LockMode::kShared);
   AGFS_RETURN_IF_ERROR(gate.status());
   auto h = store_->Begin(true);
   AGFS_RETURN_IF_ERROR(CheckKnown(*h, ino));

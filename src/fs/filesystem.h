@@ -25,8 +25,10 @@
 //
 // Cluster: Mount joins the cluster (Membership: a node slot as a disk lease) and
 // starts the lock service. Every public method first takes the filesystem lock
-// through a Gate: shared to read, exclusive to change anything. A node holding it
-// exclusive lets all its own threads in at once; another node asking for it makes
+// through a Gate: shared to read, exclusive to change anything; read, write in place,
+// getattr and fsync may take it in intent beside the inode's own lock instead
+// (InodeGate), so that nodes working on different files do not take turns. A node
+// holding it exclusive lets all its own threads in at once; another node asking for it makes
 // this node commit its journal, write every cached block home and drop its cache
 // (MetaStore::DropAll) before the lock moves (see docs/DESIGN.md, "Multi-node
 // mount"). Every write to the device passes Membership's lease guard. When a node
@@ -149,6 +151,11 @@ struct MountOptions {
   uint32_t min_hold_ms = 20;
   // ... unless it has not used the lock for this long: then it yields at once.
   uint32_t idle_release_us = 500;
+  // On images with kIncompatIntentLocks: read, write in place, getattr and fsync take
+  // the filesystem lock in intent plus the inode's own lock (Filesystem::InodeGate).
+  // Off (mount option `nointent`): they take the filesystem lock as every other call
+  // does; for comparisons and diagnosis, other nodes are not affected.
+  bool intent_locks = true;
   std::string net_bind;     // "ip:port" for the network hint channel; empty = disk only
   // The filesystem lock cannot be given up safely (its revoke failed): by default the
   // process exits (status 70) and survivors recover the node like a crashed one. Tests
@@ -170,7 +177,8 @@ struct FsInfo {
   uint64_t orphans_handed_over = 0;  // deleted here, still open on another node
   uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
   uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
-  uint64_t lock_revoke_us = 0;     // time those took: commit, write home, drop
+  uint64_t inode_lock_revokes = 0;  // times this node gave an inode lock up/down
+  uint64_t lock_revoke_us = 0;     // time both kinds took: commit, write home, drop
 };
 
 class Filesystem {
@@ -307,6 +315,9 @@ class Filesystem {
     uint64_t opens = 0;
     uint64_t generation = 0;  // as handed to the kernel (0: unknown, not checked)
     bool attrs_cached = false;  // MarkAttrsCached since the last TakeAttrsCached
+    // The last write here had to allocate (or mark blocks written): the next one goes
+    // straight to the exclusive filesystem lock instead of trying intent first.
+    bool write_allocates = false;
   };
 
  public:
@@ -326,6 +337,34 @@ class Filesystem {
     LockMode prev_ = LockMode::kNone;
     uint64_t prev_epoch_ = 0;
     bool pinned_ = false;
+    Status st_;
+  };
+
+  // The gate of a call that reads (`mode` shared) or changes (exclusive) one inode's
+  // data and attributes in place: read, write within written extents, getattr, fsync.
+  // With intent locks (MountOptions::intent_locks on an image with
+  // kIncompatIntentLocks), a thread outside any gate takes the filesystem lock in
+  // intent and the inode's own lock in `mode`, so nodes working on different files
+  // hold the filesystem lock together. It takes intent when changing, unless the node
+  // holds the filesystem lock exclusively, and when reading only if the node holds
+  // intent already (a reader that holds nothing asks shared, which other readers and
+  // lookups share). Whenever the mode pinned covers `mode` by itself (shared or
+  // exclusive), no inode lock is taken: nobody else can hold intent then. One inode
+  // lock per thread; inside another gate, as Gate.
+  // Under intent, attributes carry no lock epoch (the kernel gets no timeout for
+  // them) and MetaStore may touch only the blocks of the pinned inode lock.
+  class InodeGate {
+   public:
+    InodeGate(Filesystem* fs, uint64_t ino, LockMode mode);
+    ~InodeGate();
+    InodeGate(const InodeGate&) = delete;
+    InodeGate& operator=(const InodeGate&) = delete;
+    const Status& status() const { return st_; }
+
+   private:
+    Filesystem* fs_;
+    std::optional<Gate> gate_;
+    LockId pinned_ = 0;  // the inode lock this gate pinned, 0 if none
     Status st_;
   };
 
@@ -403,6 +442,10 @@ class Filesystem {
   bool janitor_sweep_ = false;  // a file this node had published as open was closed
   Status RecoverSlot(uint32_t slot, uint64_t generation);
   Status OnRevoke(LockMode to);
+  // An inode lock goes down to `to`: its blocks are written home, and dropped unless
+  // `to` is shared.
+  Status OnInodeRevoke(LockId id, LockMode to);
+  bool intent_locks_ = false;  // InodeGate takes intent (set at mount)
 
   // References and orphans (filesystem.cc).
   // true: no refs left. *closed (if given): the last open went.
@@ -492,8 +535,12 @@ class Filesystem {
                           uint64_t rdev, std::string_view symlink_target);
   Result<Attr> CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
                               uint32_t mode, uint64_t rdev, std::string_view symlink_target);
+  // `*allocated` (if given) tells whether the write had to allocate blocks, convert
+  // inline data or mark blocks written. With `in_place_only` it then changes nothing
+  // and returns 0: only the exclusive filesystem lock covers the allocator.
   Result<size_t> WriteOnce(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
-                           size_t len, bool append);
+                           size_t len, bool append, bool in_place_only = false,
+                           bool* allocated = nullptr);
   Status FallocateOnce(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len);
   uint64_t NextGeneration() { return next_gen_++; }
 };

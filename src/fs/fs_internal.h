@@ -12,7 +12,7 @@ namespace agorafs {
 
 Attr AttrOf(uint64_t ino, const InodeBlock& i);
 // Filesystem::lock_epoch() when this thread's outermost gate pinned the lock; 0
-// outside any gate. What AttrOf stamps into Attr::lock_epoch.
+// outside any gate and under intent. What AttrOf stamps into Attr::lock_epoch.
 uint64_t GateEpoch();
 bool ValidIno(const Geometry& g, uint64_t ino);
 // The inode block, verified; kNotFound when ino is not a possible inode number.
@@ -35,6 +35,13 @@ Status CheckName(std::string_view name);
     AGFS_RETURN_IF_ERROR(CheckKnown(agfs_ino_));                              \
   }
 
+// Filesystem::InodeGate on `ino` for the rest of the scope, in mode Shared (reads the
+// inode) or Exclusive (changes it), then the same check as AGFS_GATE.
+#define AGFS_INODE_GATE(mode, ino)                                             \
+  Filesystem::InodeGate agfs_gate_(this, ino, LockMode::k##mode);             \
+  AGFS_RETURN_IF_ERROR(agfs_gate_.status());                                  \
+  AGFS_RETURN_IF_ERROR(CheckKnown(ino));
+
 // After a change of file data: mtime and ctime become `now`, but mtime always moves
 // forward, also when this node's clock is behind the one that wrote last: other
 // nodes' kernels compare mtime (and size) to decide that their cached pages are stale.
@@ -50,7 +57,8 @@ inline void TouchData(InodeBlock* I, Timespec64 now) {
 }
 
 // True when this thread's gates allow metadata writes (the node holds the lock
-// exclusively).
+// exclusively): changes of any block, allocation among them. Under intent, a thread
+// changes only the inode it holds exclusively (see InodeGate).
 bool GateAllowsWrite();
 
 // POSIX ACLs kept in step with the mode (fs/acl.h; in xattr_ops.cc).

@@ -728,7 +728,7 @@ TEST_F(FsTest, SecondNodeSeesEveryChangeAtOnce) {
 // A node that holds the filesystem lock and is revoked down to intent (another node
 // asked for intent, under which operations take inode locks of their own) keeps
 // nothing it cached under the filesystem lock alone, and takes back the kernel's
-// attributes, exactly as when it gives the lock up. Its next operation waits for the
+// attributes, exactly as when it gives the lock up. Its next readdir waits for the
 // intent holder, then holds the lock exclusively (intent and shared make exclusive).
 TEST_F(FsTest, RevokeToIntentDropsEverythingCachedUnderTheFilesystemLock) {
   uint64_t f = Create(Root(), "f");
@@ -751,7 +751,7 @@ TEST_F(FsTest, RevokeToIntentDropsEverythingCachedUnderTheFilesystemLock) {
 
   std::atomic<bool> done{false};
   std::thread reader([&] {
-    EXPECT_TRUE(fs_->GetAttr(f).ok());
+    List(Root());  // a shared gate
     done = true;
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -763,6 +763,164 @@ TEST_F(FsTest, RevokeToIntentDropsEverythingCachedUnderTheFilesystemLock) {
   EXPECT_EQ(List(Root()), (std::set<std::string>{".", "..", "f", "g"}));
   fs_->SetLockLossHook(nullptr);
   ASSERT_TRUE(b->Unmount().ok());
+}
+
+// Two nodes rewriting different files in place hold the filesystem lock together, in
+// intent, each with its own file's inode lock: after the first handover the
+// filesystem lock never moves. A read of the other node's file takes that inode's
+// lock over (its writer writes the inode home first) and sees every write.
+TEST_F(FsTest, NodesRewritingDifferentFilesInPlaceShareTheFilesystemLock) {
+  const std::string base(3 * kBlockSize, 'o');
+  const uint64_t fa = Create(Root(), "a");
+  const uint64_t fb = Create(Root(), "b");
+  WriteAt(fa, 0, base);
+  WriteAt(fb, 0, base);  // allocated and written: later writes within are in place
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  auto write_b = [&](uint64_t off, const std::string& d) {
+    auto r = b->Write(caller_, fb, off, d.data(), d.size());
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(*r, d.size());
+  };
+  std::string want_a = base, want_b = base;
+  write_b(0, "B0");  // B asks intent: A goes down to intent
+  want_b.replace(0, 2, "B0");
+  WriteAt(fa, 0, "A0");
+  want_a.replace(0, 2, "A0");
+  ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
+  ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  const uint64_t fs_revokes = fs_->info().lock_revokes + b->info().lock_revokes;
+  const uint64_t inode_revokes = fs_->info().inode_lock_revokes + b->info().inode_lock_revokes;
+
+  std::mt19937 rng(7);
+  for (int i = 0; i < 200; i++) {
+    const std::string d = "<" + std::to_string(i) + ">";
+    const uint64_t off = rng() % (base.size() - d.size());
+    if (i % 2) {
+      WriteAt(fa, off, d);
+      want_a.replace(off, d.size(), d);
+    } else {
+      write_b(off, d);
+      want_b.replace(off, d.size(), d);
+    }
+    if (i % 50 == 0) {
+      ASSERT_TRUE(fs_->Fsync(fa, false).ok());
+      ASSERT_TRUE(b->Fsync(fb, false).ok());
+    }
+  }
+  EXPECT_EQ(fs_->info().lock_revokes + b->info().lock_revokes, fs_revokes);
+  EXPECT_EQ(fs_->info().inode_lock_revokes + b->info().inode_lock_revokes, inode_revokes);
+  auto before = fs_->GetAttr(fb);  // under intent and fb's lock, shared with B's
+  ASSERT_TRUE(before.ok()) << before.status().ToString();
+  EXPECT_EQ(before->lock_epoch, 0u) << "attributes read under intent promised to the kernel";
+
+  // Each node reads the other's file: the inode locks move, the filesystem lock not.
+  EXPECT_EQ(ReadAll(fb), want_b);
+  std::string got(want_a.size(), '\0');
+  auto r = b->Read(fa, 0, got.size(), got.data());
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(got, want_a);
+  EXPECT_GT(b->info().inode_lock_revokes + fs_->info().inode_lock_revokes, inode_revokes);
+  write_b(5, "later");  // takes fb's lock back from A's read
+  want_b.replace(5, 5, "later");
+  auto after = fs_->GetAttr(fb);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  EXPECT_TRUE(after->mtime.tv_sec > before->mtime.tv_sec ||
+              (after->mtime.tv_sec == before->mtime.tv_sec &&
+               after->mtime.tv_nsec > before->mtime.tv_nsec));
+  EXPECT_EQ(ReadAll(fb), want_b);
+  EXPECT_EQ(fs_->info().lock_revokes + b->info().lock_revokes, fs_revokes);
+
+  ASSERT_TRUE(b->Unmount().ok());
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
+// A write that must allocate needs the allocator, which only the exclusive filesystem
+// lock covers: a node holding intent starts such a write over under it, and the other
+// intent holder gives the lock up. The node then sends that file's next write to
+// the exclusive lock at once, until one of them lands in place again.
+TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) {
+  const uint64_t fa = Create(Root(), "a");
+  const uint64_t fb = Create(Root(), "b");
+  const uint64_t fc = Create(Root(), "c");
+  WriteAt(fa, 0, std::string(kBlockSize, 'a'));
+  WriteAt(fb, 0, std::string(kBlockSize, 'b'));
+  WriteAt(fc, 0, std::string(kBlockSize, 'c'));
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  b->AddRef(fb, 0);  // the kernel knows it: where the node remembers how writes went
+  auto write_b = [&](uint64_t off, const std::string& d) {
+    auto r = b->Write(caller_, fb, off, d.data(), d.size());
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(*r, d.size());
+  };
+  auto both_intent = [&] {
+    write_b(0, "B");
+    WriteAt(fa, 0, "A");
+    ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
+    ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  };
+  both_intent();
+  uint64_t a_revokes = fs_->info().lock_revokes;
+  write_b(10 * kBlockSize, "tail");  // past the end: allocates
+  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kExclusive);
+  EXPECT_EQ(fs_->info().lock_revokes, a_revokes + 1);
+  std::string want = "B" + std::string(kBlockSize - 1, 'b') + std::string(9 * kBlockSize, '\0') +
+                     "tail";
+  EXPECT_EQ(ReadAll(fb), want);
+
+  // B's last write of fb allocated: its next one goes to the exclusive lock directly.
+  WriteAt(fa, 1, "A");  // A takes the lock over (B had shared, from A's read)
+  auto wc = b->Write(caller_, fc, 0, "C", 1);  // in place, and B knows nothing of fc
+  ASSERT_TRUE(wc.ok()) << wc.status().ToString();
+  ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
+  ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  a_revokes = fs_->info().lock_revokes;
+  write_b(1, "B");
+  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kExclusive);
+  EXPECT_EQ(fs_->info().lock_revokes, a_revokes + 1);
+  // That one landed in place: the next one tries intent again.
+  both_intent();
+  a_revokes = fs_->info().lock_revokes;
+  write_b(2, "B");
+  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  EXPECT_EQ(fs_->info().lock_revokes, a_revokes);
+  b->Forget(fb, 1);
+
+  ASSERT_TRUE(b->Unmount().ok());
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
+// Images carry kIncompatIntentLocks: a binary that does not know lock mode 3 must not
+// mount them beside nodes that use it. A bit this binary does not know is refused
+// the same way, with one clear sentence.
+TEST_F(FsTest, MountRefusesIncompatibleFeaturesItDoesNotKnow) {
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto sb = ReadSuperblock(mem_.get());
+  ASSERT_TRUE(sb.ok());
+  EXPECT_EQ(sb->features_incompat, kIncompatIntentLocks);
+  const uint64_t copies[] = {0, 1, sb->total_blocks - 1};
+  AlignedBuffer blk(kBlockSize);
+  for (uint64_t c : copies) {
+    ASSERT_TRUE(mem_->Read(c * kBlockSize, blk.data(), kBlockSize).ok());
+    reinterpret_cast<Superblock*>(blk.data())->features_incompat |= 1ull << 40;
+    SealBlock(blk.data());
+    ASSERT_TRUE(mem_->Write(c * kBlockSize, blk.data(), kBlockSize).ok());
+  }
+  auto r = Filesystem::Mount(std::make_unique<FaultDevice>(mem_), NodeOptions());
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().Is(Code::kNotSupported)) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("newer agorafs"), std::string::npos)
+      << r.status().ToString();
 }
 
 // A file deleted on one node stays readable and writable on a node that has it open

@@ -35,8 +35,11 @@ static Status CheckSuper(const Superblock& sb, uint64_t blk, uint64_t dev_blocks
     return Err(Code::kNotSupported, "unsupported agorafs format version " +
                                         std::to_string(sb.version));
   }
-  if (sb.features_incompat != 0) {
-    return Err(Code::kNotSupported, "filesystem uses features this agorafs does not know");
+  if (sb.features_incompat & ~kKnownIncompat) {
+    return Err(Code::kNotSupported,
+               "filesystem uses features this agorafs does not know (incompat bits " +
+                   std::to_string(sb.features_incompat & ~kKnownIncompat) +
+                   "): mount it with a newer agorafs");
   }
   if (sb.block_size != kBlockSize) return Err(Code::kCorruption, "superblock: bad block size");
   if (sb.total_blocks > dev_blocks) {
@@ -162,6 +165,7 @@ Result<Superblock> Mkfs(BlockDevice* dev, const MkfsOptions& opts) {
   uuid[8] = (uuid[8] & 0x3F) | 0x80;
   sb.version = kFormatVersion;
   sb.block_size = kBlockSize;
+  sb.features_incompat = kIncompatIntentLocks;
   sb.total_blocks = g->total_blocks;
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);
