@@ -107,7 +107,10 @@ Result<InodeBlock*> WIno(MetaTxn& h, const Geometry& g, uint64_t ino) {
 namespace {
 
 // The LockManager MetaStore checks: every block access must happen under a gate, and
-// under intent only the blocks of the inode lock the thread pinned. Held() answers
+// under intent only the blocks of the inode lock the thread pinned, plus reads of AG
+// headers and bitmaps: nobody allocates or frees beside an intent holder (that takes
+// the filesystem lock exclusively), so they cannot change meanwhile, and whoever
+// changed them last wrote them home before the lock moved. Held() answers
 // for the thread, which is what MetaStore's inode readahead needs: under intent it
 // caches no neighbour (their locks may be on their way to another node).
 class GateLocks final : public LockManager {
@@ -115,6 +118,7 @@ class GateLocks final : public LockManager {
   Status Acquire(LockId id, LockMode mode) override {
     if (t_gate == LockMode::kIntent) {
       if (id == t_inode_lock && Covers(t_inode_mode, mode)) return Status::Ok();
+      if (LockIdKind(id) == LockKind::kAg && mode == LockMode::kShared) return Status::Ok();
       return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                       " used under intent without its inode lock");
     }
@@ -248,17 +252,14 @@ Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   }
   if (gen == 0) return Status::Ok();
   if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
-  // A damaged bitmap block must not make every inode it covers unreachable: the
-  // inode block's own checks below still catch a deleted or reused inode. Under
-  // intent the bitmap (the AG's) is not ours to read, and those checks suffice: a
-  // freed inode block keeps nlink 0 until it is reused, and then fails the type or
-  // generation check.
-  if (t_gate != LockMode::kIntent) {
-    auto used = h.Allocated(ino);
-    if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
-    if (used.ok() && !*used) {
-      return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
-    }
+  // The bitmap first: a freed inode block keeps its last copy at home (a free drops
+  // the cached block unwritten), which may still look alive. A damaged bitmap block
+  // must not make every inode it covers unreachable: the inode block's own checks
+  // below still catch a reused inode.
+  auto used = h.Allocated(ino);
+  if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
+  if (used.ok() && !*used) {
+    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
   }
   auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
   if (!r.ok()) {

@@ -899,6 +899,41 @@ TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) 
   EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
 }
 
+// A file deleted and freed on one node while another node's kernel still knows it:
+// that node's calls under intent answer ESTALE, as under the filesystem lock. The
+// freed inode block keeps its last copy at home, which looks alive; only the
+// allocation bitmap tells, and intent holders read it (nobody frees beside them).
+TEST_F(FsTest, AFileFreedOnAnotherNodeIsStaleUnderIntentToo) {
+  const uint64_t f = Create(Root(), "f");
+  WriteAt(f, 0, std::string(2 * kBlockSize, 'f'));
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  auto la = b->Lookup(b->root_ino(), "f");
+  ASSERT_TRUE(la.ok()) << la.status().ToString();
+  b->AddRef(f, la->generation);
+  ASSERT_TRUE(fs_->Unlink(caller_, Root(), "f").ok());  // open nowhere: freed at once
+
+  auto w = b->Write(caller_, f, 0, "late", 4);  // B asks intent for an in-place write
+  ASSERT_FALSE(w.ok()) << "a write to a freed inode succeeded";
+  EXPECT_TRUE(w.status().Is(Code::kStaleInode)) << w.status().ToString();
+  ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  auto a = b->GetAttr(f);  // B holds intent: under intent as well
+  ASSERT_FALSE(a.ok());
+  EXPECT_TRUE(a.status().Is(Code::kStaleInode)) << a.status().ToString();
+  std::string buf(4, '\0');
+  auto r = b->Read(f, 0, buf.size(), buf.data());
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().Is(Code::kStaleInode)) << r.status().ToString();
+  b->Forget(f, 1);
+
+  ASSERT_TRUE(b->Unmount().ok());
+  ASSERT_TRUE(fs_->Unmount().ok());
+  fs_.reset();
+  auto rep = Fsck(mem_.get(), FsckOptions{});
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+}
+
 // Images carry kIncompatIntentLocks: a binary that does not know lock mode 3 must not
 // mount them beside nodes that use it. A bit this binary does not know is refused
 // the same way, with one clear sentence.
