@@ -172,10 +172,14 @@ Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : 
   if (fs_->intent_locks_ && t_gate == LockMode::kIntent) {
     fs_mode = LockMode::kIntent;
   } else if (fs_->intent_locks_ && t_gate == LockMode::kNone) {
+    // Intent also when the node holds exclusive: that covers intent now, and a revoke
+    // down to intent, perhaps already pending, keeps it. Asking shared there would
+    // wait for that revoke and then ask shared beside intent, that is exclusive again,
+    // pulling intent away from every other node at each read.
     const LockMode held = fs_->lsvc_->Held(kFsLock);
-    if (!Covers(held, mode) && (mode == LockMode::kExclusive || held == LockMode::kIntent)) {
-      fs_mode = LockMode::kIntent;
-    }
+    const bool read_shared = mode == LockMode::kShared &&
+                             (held == LockMode::kNone || held == LockMode::kShared);
+    if (!read_shared) fs_mode = LockMode::kIntent;
   }
   gate_.emplace(fs_, fs_mode);
   st_ = gate_->status();

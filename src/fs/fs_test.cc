@@ -103,6 +103,14 @@ class FsTest : public ::testing::Test {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ASSERT_EQ(*r, data.size());
   }
+  // Unmounts this node (the last one) and checks the image: fsck must find it clean.
+  void UnmountAndExpectClean() {
+    ASSERT_TRUE(fs_->Unmount().ok());
+    fs_.reset();
+    auto rep = Fsck(mem_.get(), FsckOptions{});
+    ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+    EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  }
   std::set<std::string> List(uint64_t dir) {
     std::set<std::string> names;
     EXPECT_TRUE(fs_->ReadDir(dir, 0, false, [&](const DirEntryOut& e) {
@@ -361,11 +369,7 @@ TEST_F(FsTest, DefaultAclIsInheritedAndUmaskOnlyWithoutOne) {
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(after->mode & 07777, 0640u);
   EXPECT_TRUE(fs_->GetXattr(caller_, after->ino, kAccessName).status().Is(Code::kNoData));
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 TEST_F(FsTest, FallocateAndSeekHoles) {
@@ -483,11 +487,7 @@ TEST_F(FsTest, UnlinkWaitsForRoomOnTheOrphanList) {
   for (size_t i = 1; i <= cap + 1; i++) fs_->Forget(held[i], 1);
   EXPECT_EQ(fs_->info().orphans_freed, cap + 1);
   ASSERT_TRUE(fs_->Unlink(caller_, Root(), "o" + std::to_string(cap + 1)).ok());
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 TEST_F(FsTest, DeviceErrorsBecomeEioAndNothingIsAcknowledgedFalsely) {
@@ -564,11 +564,7 @@ TEST_F(FsTest, JournalWriteFailureStopsTheNodeAndNothingElseIsWritten) {
   auto a = fs_->Lookup(Root(), "synced");
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(ReadAll(a->ino), std::string(50000, 'a'));
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok());
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // fsyncgate: once a flush failed, no later fsync may report success for data that
@@ -832,11 +828,7 @@ TEST_F(FsTest, NodesRewritingDifferentFilesInPlaceShareTheFilesystemLock) {
   EXPECT_EQ(fs_->info().lock_revokes + b->info().lock_revokes, fs_revokes);
 
   ASSERT_TRUE(b->Unmount().ok());
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // A write that must allocate needs the allocator, which only the exclusive filesystem
@@ -892,11 +884,7 @@ TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) 
   b->Forget(fb, 1);
 
   ASSERT_TRUE(b->Unmount().ok());
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // A file deleted and freed on one node while another node's kernel still knows it:
@@ -927,11 +915,7 @@ TEST_F(FsTest, AFileFreedOnAnotherNodeIsStaleUnderIntentToo) {
   b->Forget(f, 1);
 
   ASSERT_TRUE(b->Unmount().ok());
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // Images carry kIncompatIntentLocks: a binary that does not know lock mode 3 must not
@@ -999,11 +983,7 @@ TEST_F(FsTest, FileDeletedOnOneNodeStaysUsableWhereItIsOpen) {
   b->Forget(f, 1);
   ASSERT_TRUE(b->Unmount().ok());
   b.reset();
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // The node holding a deleted file open crashes: the survivor recovers it, adopts the
@@ -1040,11 +1020,7 @@ TEST_F(FsTest, FileOpenOnACrashedNodeIsFreedAfterRecovery) {
   EXPECT_EQ(fs_->info().recoveries, 1u);
   EXPECT_EQ(fs_->info().orphans_freed, 2u);
   EXPECT_GT(fs_->StatFs()->bfree, free_mid + 40);
-  ASSERT_TRUE(fs_->Unmount().ok());
-  fs_.reset();
-  auto rep = Fsck(mem_.get(), FsckOptions{});
-  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
-  EXPECT_EQ(rep->ExitCode(), 0) << rep->ToText();
+  UnmountAndExpectClean();
 }
 
 // Kernel attribute caching: attributes carry the lock epoch they were read under; the

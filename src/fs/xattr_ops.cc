@@ -189,8 +189,11 @@ Status Filesystem::SetXattr(const Caller& c, uint64_t ino, std::string_view name
                     });
 }
 
+// Reads take the inode's lock under intent (InodeGate): the kernel asks for
+// security.capability before every write(2) to a file, which under the filesystem
+// lock alone would pull it away from every other writer at each write.
 Result<std::string> Filesystem::GetXattr(const Caller& c, uint64_t ino, std::string_view name) {
-  AGFS_GATE(Shared, ino);
+  AGFS_INODE_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
@@ -205,7 +208,7 @@ Result<std::string> Filesystem::GetXattr(const Caller& c, uint64_t ino, std::str
 }
 
 Result<std::string> Filesystem::ListXattr(const Caller& c, uint64_t ino) {
-  AGFS_GATE(Shared, ino);
+  AGFS_INODE_GATE(Shared, ino);
   auto h = store_->Begin(true);
   auto ir = RIno(*h, g_, ino);
   if (!ir.ok()) return ir.status();
