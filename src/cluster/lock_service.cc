@@ -211,12 +211,14 @@ struct LockService::Impl {
       first = false;
       if (!enough && !Covers(c.wanted, mode)) {
         // A node whose last hold wrote asks for exclusive even when this caller needs
-        // only shared: a node that writes looks a name up first (shared) and then
-        // creates (exclusive), and the shared grant would cost the holder a second
-        // revoke, to nothing, a moment later. A hold that only reads asks shared again
+        // only shared or intent: a node that writes looks a name up or stats first
+        // (shared, or intent for a stat on a node that held exclusive) and then creates
+        // (exclusive), and the weaker grant would cost the holder a second revoke, to
+        // nothing, a moment later. A hold that only read or used intent asks as asked
         // the next time.
         LockMode ask = Join(c.wanted, mode);
-        if (ask == LockMode::kShared && c.held == LockMode::kNone && c.ask_exclusive) {
+        if ((ask == LockMode::kShared || ask == LockMode::kIntent) &&
+            c.held == LockMode::kNone && c.ask_exclusive) {
           ask = LockMode::kExclusive;
           stats.exclusive_for_shared++;
         }

@@ -10,10 +10,10 @@
 //   wait for a mode its pin does not cover (shared -> intent or exclusive, intent ->
 //   shared or exclusive) while pinning the lock: unpin first. A node holding shared
 //   that asks intent (or the reverse) is granted exclusive. Locks held together must be
-//   taken in one global order (the caller's ordering). A shared Lock may be granted
-//   exclusive: when the node last went down to nothing from a hold in which it took
-//   the lock exclusively, it asks for exclusive at once (a writer's lookup would
-//   otherwise cost the holder two revokes).
+//   taken in one global order (the caller's ordering). A shared or intent Lock may be
+//   granted exclusive: when the node last went down to nothing from a hold in which
+//   it took the lock exclusively, it asks for exclusive at once (a writer's lookup
+//   would otherwise cost the holder two revokes).
 // - Revocation: the master asks a holder to go down to the strongest mode it may keep
 //   beside the request (KeepBeside: exclusive keeps shared beside a shared request,
 //   intent beside an intent one; anything else goes to none). The holder waits until
@@ -78,7 +78,7 @@ class LockService : public LockManager {
   struct Stats {
     uint64_t lock_calls = 0, cached_hits = 0, requests_sent = 0, grants = 0;
     uint64_t revokes_received = 0, releases_sent = 0, elections = 0, epoch = 0;
-    uint64_t exclusive_for_shared = 0;  // shared Lock calls that asked for exclusive
+    uint64_t exclusive_for_shared = 0;  // shared or intent Lock calls that asked exclusive
     uint64_t worker_wakeups = 0;        // the revoke worker's waits that ended
     uint32_t master_slot = kNoSlot;
     bool is_master = false;

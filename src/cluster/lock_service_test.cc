@@ -432,6 +432,22 @@ TEST(LockService, NodeThatWroteAsksExclusiveForItsNextSharedUse) {
   EXPECT_EQ(a->ls->stats().exclusive_for_shared, 1u) << "a read-only hold asked exclusive again";
   EXPECT_EQ(a->ls->Held(kL1), LockMode::kShared);
   EXPECT_EQ(b->ls->Held(kL1), LockMode::kShared);
+
+  // The same for intent: after a hold that wrote, a's intent request asks exclusive;
+  // after a hold that used intent only, intent, which b's intent holds beside it.
+  take(a.get(), LockMode::kExclusive);
+  take(b.get(), LockMode::kExclusive);
+  ASSERT_EQ(a->ls->Held(kL1), LockMode::kNone);
+  take(a.get(), LockMode::kIntent);
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kExclusive);
+  EXPECT_EQ(b->ls->Held(kL1), LockMode::kNone);
+  EXPECT_EQ(a->ls->stats().exclusive_for_shared, 2u);
+  take(b.get(), LockMode::kIntent);  // a used intent only: down to intent beside b
+  take(b.get(), LockMode::kExclusive);
+  ASSERT_EQ(a->ls->Held(kL1), LockMode::kNone);
+  take(a.get(), LockMode::kIntent);
+  EXPECT_EQ(a->ls->stats().exclusive_for_shared, 2u) << "an intent-only hold asked exclusive";
+  EXPECT_EQ(a->ls->Held(kL1), LockMode::kIntent);
 }
 
 TEST(LockModes, IntentIsCompatibleWithIntentOnlyAndExclusiveCoversAll) {
