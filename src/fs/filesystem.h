@@ -345,14 +345,15 @@ class Filesystem {
   // With intent locks (MountOptions::intent_locks on an image with
   // kIncompatIntentLocks), a thread outside any gate takes the filesystem lock in
   // intent and the inode's own lock in `mode`, so nodes working on different files
-  // hold the filesystem lock together. It takes intent when changing, unless the node
-  // holds the filesystem lock exclusively, and when reading only if the node holds
-  // intent already (a reader that holds nothing asks shared, which other readers and
-  // lookups share). Whenever the mode pinned covers `mode` by itself (shared or
-  // exclusive), no inode lock is taken: nobody else can hold intent then. One inode
-  // lock per thread; inside another gate, as Gate.
+  // hold the filesystem lock together. It takes intent except for a read on a node
+  // that holds nothing or shared (that asks shared, which other readers and lookups
+  // share); also on an exclusive hold, which a revoke down to intent then keeps
+  // (docs/DESIGN.md, "Intent and inode locks"). Whenever the mode pinned covers
+  // `mode` by itself (shared or exclusive), no inode lock is taken: nobody else can
+  // hold intent then. One inode lock per thread; inside another gate, as Gate.
   // Under intent, attributes carry no lock epoch (the kernel gets no timeout for
-  // them) and MetaStore may touch only the blocks of the pinned inode lock.
+  // them) and MetaStore may touch only the blocks of the pinned inode lock (and read
+  // AG blocks).
   class InodeGate {
    public:
     InodeGate(Filesystem* fs, uint64_t ino, LockMode mode);
