@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <initializer_list>
 #include <mutex>
 #include <map>
 #include <random>
@@ -102,6 +104,22 @@ class FsTest : public ::testing::Test {
     auto r = fs_->Write(caller_, ino, off, data.data(), data.size());
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ASSERT_EQ(*r, data.size());
+  }
+  // Runs `round` (writes that need intent) up to four times, until each of `nodes`
+  // holds the filesystem lock in intent. A node whose last hold took the lock
+  // exclusively (a mount, a create) asks exclusive even for intent, so it takes a round
+  // or two of holds that used intent only. The caller checks the outcome.
+  void SettleIntoIntent(std::initializer_list<Filesystem*> nodes,
+                        const std::function<void()>& round) {
+    for (int i = 0; i < 4; i++) {
+      round();
+      if (HasFatalFailure()) return;
+      if (std::all_of(nodes.begin(), nodes.end(), [](Filesystem* n) {
+            return n->lock_service()->Held(kFsLock) == LockMode::kIntent;
+          })) {
+        return;
+      }
+    }
   }
   // Unmounts this node (the last one) and checks the image: fsck must find it clean.
   void UnmountAndExpectClean() {
@@ -784,17 +802,12 @@ TEST_F(FsTest, NodesRewritingDifferentFilesInPlaceShareTheFilesystemLock) {
     ASSERT_EQ(*r, d.size());
   };
   std::string want_a = base, want_b = base;
-  // A node whose last hold took the lock exclusively (B's mount, A's creates) asks
-  // exclusive even for intent; after a round of holds that used intent only, both
+  // B's mount and A's creates were exclusive holds: a round or two before both
   // ask intent and hold it together.
-  for (int round = 0; round < 4; round++) {
+  SettleIntoIntent({fs_.get(), b.get()}, [&] {
     write_b(0, "B0");
     WriteAt(fa, 0, "A0");
-    if (fs_->lock_service()->Held(kFsLock) == LockMode::kIntent &&
-        b->lock_service()->Held(kFsLock) == LockMode::kIntent) {
-      break;
-    }
-  }
+  });
   want_b.replace(0, 2, "B0");
   want_a.replace(0, 2, "A0");
   ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
@@ -864,15 +877,11 @@ TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) 
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ASSERT_EQ(*r, d.size());
   };
-  auto both_intent = [&] {  // a round or two: see the test above
-    for (int round = 0; round < 4; round++) {
+  auto both_intent = [&] {
+    SettleIntoIntent({fs_.get(), b.get()}, [&] {
       write_b(0, "B");
       WriteAt(fa, 0, "A");
-      if (fs_->lock_service()->Held(kFsLock) == LockMode::kIntent &&
-          b->lock_service()->Held(kFsLock) == LockMode::kIntent) {
-        break;
-      }
-    }
+    });
     ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
     ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
   };
@@ -886,15 +895,12 @@ TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) 
   EXPECT_EQ(ReadAll(fb), want);
 
   // B's last write of fb allocated: its next one goes to the exclusive lock directly.
-  for (int round = 0; round < 4; round++) {  // A takes the lock over, then both intent
+  SettleIntoIntent({fs_.get(), b.get()}, [&] {  // A takes the lock over, then both intent
     WriteAt(fa, 1, "A");
     auto wc = b->Write(caller_, fc, 0, "C", 1);  // in place, and B knows nothing of fc
     ASSERT_TRUE(wc.ok()) << wc.status().ToString();
-    if (fs_->lock_service()->Held(kFsLock) == LockMode::kIntent &&
-        b->lock_service()->Held(kFsLock) == LockMode::kIntent) {
-      break;
-    }
-  }
+  });
+  ASSERT_FALSE(HasFatalFailure());
   ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
   ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
   a_revokes = fs_->info().lock_revokes;
@@ -928,12 +934,12 @@ TEST_F(FsTest, AFileFreedOnAnotherNodeIsStaleUnderIntentToo) {
   ASSERT_TRUE(la.ok()) << la.status().ToString();
   b->AddRef(f, la->generation);
   // Holds that use intent only, so that B asks intent next, not exclusive.
-  for (int round = 0; round < 4; round++) {
+  SettleIntoIntent({b.get()}, [&] {
     auto wg = b->Write(caller_, g, 0, "B", 1);
     ASSERT_TRUE(wg.ok()) << wg.status().ToString();
     WriteAt(g, 1, "A");
-    if (b->lock_service()->Held(kFsLock) == LockMode::kIntent) break;
-  }
+  });
+  ASSERT_FALSE(HasFatalFailure());
   ASSERT_TRUE(fs_->Unlink(caller_, Root(), "f").ok());  // open nowhere: freed at once
 
   auto w = b->Write(caller_, f, 0, "late", 4);  // B asks intent for an in-place write
