@@ -41,43 +41,56 @@ Status MetaStore::LoadAgsLocked() {
   ag_rotor_.assign(g_.ag_count, 0);
   ag_first_free_.assign(g_.ag_count, 0);
   ag_bad_.assign(g_.ag_count, false);
-  AlignedBuffer buf(kBlockSize);
+  ag_stale_.assign(g_.ag_count, true);
   free_total_ = 0;
-  for (uint32_t ag = 0; ag < g_.ag_count; ag++) {
-    uint64_t blk = g_.AgStart(ag);
-    Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
-    if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
-    const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
-    if (st.ok() && (h->ag_index != ag || h->blocks != g_.AgSize(ag) || h->free_blocks > h->blocks)) {
-      st = Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
-    }
-    if (!st.ok()) {
-      if (st.Is(Code::kIOError)) {
-        // Allocate nothing until a later Begin() reads them again.
-        ag_free_.assign(g_.ag_count, 0);
-        free_total_ = 0;
-        ags_stale_ = true;
-        return st;
-      }
-      spdlog::error("allocation group {} unusable: {}", ag, st.ToString());
-      ag_bad_[ag] = true;
-      continue;
-    }
-    ag_free_[ag] = h->free_blocks;
-    free_total_ += h->free_blocks;
-  }
-  ags_stale_ = false;
+  for (uint32_t ag = 0; ag < g_.ag_count; ag++) AGFS_RETURN_IF_ERROR(LoadAgLocked(ag));
   return Status::Ok();
 }
 
-Status MetaStore::ReloadAgsIfStaleLocked() {
-  if (!ags_stale_) return Status::Ok();
+Status MetaStore::LoadAgLocked(uint32_t ag) {
+  AlignedBuffer buf(kBlockSize);
+  uint64_t blk = g_.AgStart(ag);
+  Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
+  if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
+  const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
+  if (st.ok() && (h->ag_index != ag || h->blocks != g_.AgSize(ag) || h->free_blocks > h->blocks)) {
+    st = Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
+  }
+  ag_rotor_[ag] = 0;
+  ag_first_free_[ag] = 0;
+  if (!st.ok()) {
+    // An I/O error leaves the AG stale (allocate nothing there until a later read
+    // works); a damaged header makes it unusable until the next mount.
+    if (st.Is(Code::kIOError)) return st;
+    spdlog::error("allocation group {} unusable: {}", ag, st.ToString());
+    ag_bad_[ag] = true;
+    ag_stale_[ag] = false;
+    return Status::Ok();
+  }
+  ag_free_[ag] = h->free_blocks;
+  free_total_ += h->free_blocks;
+  ag_stale_[ag] = false;
+  return Status::Ok();
+}
+
+void MetaStore::ForgetAgLocked(uint32_t ag) {
+  free_total_ -= std::min<uint64_t>(free_total_, ag_free_[ag]);
+  ag_free_[ag] = 0;
+  ag_rotor_[ag] = 0;
+  ag_first_free_[ag] = 0;
+  ag_bad_[ag] = false;
+  ag_stale_[ag] = true;
+}
+
+Status MetaStore::ReloadAgIfStaleLocked(uint32_t ag) {
+  if (!ag_stale_[ag]) return Status::Ok();
   // The allocation counts were dropped with the lock that covers them; the caller
   // holds it again now.
-  Status st = LoadAgsLocked();
+  Status st = LoadAgLocked(ag);
   if (!st.ok()) {
-    spdlog::error("reading allocation group headers: {}", st.ToString());
-    return Err(st.code(), "reading allocation group headers: " + st.message());
+    spdlog::error("reading allocation group header {}: {}", ag, st.ToString());
+    return Err(st.code(), "reading allocation group header " + std::to_string(ag) + ": " +
+                              st.message());
   }
   return Status::Ok();
 }
@@ -133,7 +146,8 @@ std::unique_ptr<MetaStore::Handle> MetaStore::Begin(bool read_only, uint32_t cre
     bool txn_full = !dirty_.empty() && dirty_.size() + credits > TxnLimit();
     // Frees wait for a checkpoint before reuse; once they are a sizeable part of what
     // is left, checkpoint so that allocation does not run dry with space "free".
-    bool reclaim = pending_total_ > 0 && pending_total_ > (free_total_ - pending_total_) / 4;
+    const uint64_t usable = free_total_ > pending_total_ ? free_total_ - pending_total_ : 0;
+    bool reclaim = pending_total_ > 0 && pending_total_ > usable / 4;
     // Dirty and not-yet-home blocks cannot be evicted: past the budget, write them
     // home first (one handle's blocks may still go over it until its end).
     bool cache_full = BlocksInMemory() > opts_.cache_blocks;
@@ -192,11 +206,33 @@ Result<bool> MetaStore::Handle::Allocated(uint64_t blk) {
   const uint64_t off = blk - base;
   if (off < 1 + g.bitmap_blocks) return true;  // the AG's own header and bitmaps
   const uint32_t bm = static_cast<uint32_t>(off / kBitsPerBitmap);
-  auto b = s_->GetLocked(base + 1 + bm, BlockType::kBitmap, AgLock(ag), false);
-  if (!b.ok()) return b.status();
-  const auto* bmp = reinterpret_cast<const BitmapBlock*>((*b)->data.data());
+  const uint64_t bmblk = base + 1 + bm;
   const uint64_t bit = off - uint64_t(bm) * kBitsPerBitmap;
-  return (bmp->bits[bit >> 3] & (1u << (bit & 7))) != 0;
+  auto set = [&](const uint8_t* data) {
+    const auto* bmp = reinterpret_cast<const BitmapBlock*>(data);
+    return (bmp->bits[bit >> 3] & (1u << (bit & 7))) != 0;
+  };
+  // A cached copy is current: it goes when the lock that covers it goes.
+  auto it = s_->cache_.find(bmblk);
+  if (it != s_->cache_.end() || Covers(s_->locks_->Held(AgLock(ag)), LockMode::kShared)) {
+    auto b = s_->GetLocked(bmblk, BlockType::kBitmap, AgLock(ag), false);
+    if (!b.ok()) return b.status();
+    return set((*b)->data.data());
+  }
+  // Without the AG's lock (under intent another node may be allocating there) the
+  // block is read from home and not cached: a copy kept without the lock would be
+  // used, stale, once this node takes the lock to allocate. Home may lag the holder's
+  // journal, but not for this bit's question (see the header). A read that overlaps
+  // the holder's checkpoint may see a torn block: read again.
+  AlignedBuffer buf(kBlockSize);
+  Status st;
+  for (int attempt = 0; attempt < 3; attempt++) {
+    st = s_->dev_->Read(bmblk * kBlockSize, buf.data(), kBlockSize);
+    if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kBitmap, bmblk, s_->uuid_);
+    if (!st.Is(Code::kCorruption)) break;
+  }
+  if (!st.ok()) return st;
+  return set(buf.data());
 }
 
 Result<Allocation> MetaStore::Handle::AllocData(uint64_t hint, uint32_t want) {
@@ -444,7 +480,6 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
 
 Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool metadata) {
   (void)metadata;
-  AGFS_RETURN_IF_ERROR(ReloadAgsIfStaleLocked());
   if (want == 0) want = 1;
   uint32_t first_ag = 0;
   uint64_t from = 0;
@@ -456,8 +491,16 @@ Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool met
   } else {
     from = ag_rotor_[0];
   }
+  bool held_all = true;
   for (uint32_t n = 0; n < g_.ag_count; n++) {
     uint32_t ag = (first_ag + n) % g_.ag_count;
+    // Only AGs whose lock the caller holds exclusively (under the filesystem lock held
+    // exclusively, every AG; under intent, the one AG lock it pinned).
+    if (!Covers(locks_->Held(AgLock(ag)), LockMode::kExclusive)) {
+      held_all = false;
+      continue;
+    }
+    AGFS_RETURN_IF_ERROR(ReloadAgIfStaleLocked(ag));
     if (ag_bad_[ag] || ag_free_[ag] == 0) continue;
     uint64_t start = n == 0 ? from : ag_rotor_[ag];
     for (int pass = 0; pass < 2; pass++) {
@@ -473,12 +516,11 @@ Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool met
       if (start == 0) break;
     }
   }
+  if (!held_all) return Err(Code::kNoSpace, "no free blocks left in the allocation groups held");
   return Err(Code::kNoSpace, "no free blocks left");
 }
 
 Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
-  // Before the first AG header changes in the cache: the reload reads them from disk.
-  AGFS_RETURN_IF_ERROR(ReloadAgsIfStaleLocked());
   while (count > 0) {
     if (blk < g_.ag_start || blk >= g_.total_blocks - 1) {
       return Err(Code::kCorruption, "freeing block " + std::to_string(blk) +
@@ -491,6 +533,10 @@ Status MetaStore::FreeLocked(uint64_t blk, uint64_t count) {
     if (off < 1 + g_.bitmap_blocks || off >= g_.AgSize(ag)) {
       return Err(Code::kCorruption, "freeing AG metadata block " + std::to_string(blk));
     }
+    // The caller must hold the AG's lock exclusively (GetLocked checks it below); the
+    // counts are read before the first header change in the cache.
+    AGFS_RETURN_IF_ERROR(locks_->Acquire(AgLock(ag), LockMode::kExclusive));
+    AGFS_RETURN_IF_ERROR(ReloadAgIfStaleLocked(ag));
     uint32_t bm = static_cast<uint32_t>(off / kBitsPerBitmap);
     uint64_t bm_end = std::min<uint64_t>(g_.AgSize(ag), uint64_t(bm + 1) * kBitsPerBitmap);
     uint64_t n = std::min<uint64_t>(count, bm_end - off);
@@ -670,6 +716,9 @@ Status MetaStore::DropLock(LockId lock) {
     }
     std::vector<uint64_t> blks(it->second.begin(), it->second.end());
     for (uint64_t blk : blks) DropBufferLocked(blk);
+    if (LockIdKind(lock) == LockKind::kAg && LockIdNumber(lock) < g_.ag_count) {
+      ForgetAgLocked(static_cast<uint32_t>(LockIdNumber(lock)));
+    }
     return Status::Ok();
   }
 }
@@ -691,9 +740,7 @@ Status MetaStore::DropAll() {
     blks.reserve(cache_.size());
     for (const auto& [blk, b] : cache_) blks.push_back(blk);
     for (uint64_t blk : blks) DropBufferLocked(blk);
-    ag_free_.assign(g_.ag_count, 0);
-    free_total_ = 0;
-    ags_stale_ = true;
+    for (uint32_t ag = 0; ag < g_.ag_count; ag++) ForgetAgLocked(ag);
     return Status::Ok();
   }
 }
@@ -709,8 +756,25 @@ Result<bool> MetaStore::Reclaim() {
 
 uint64_t MetaStore::FreeBlocks() {
   std::lock_guard<std::mutex> g(mu_);
-  (void)ReloadAgsIfStaleLocked();  // logged; the count is then 0 until a read works
+  // Logged; an AG then counts 0 until a read works.
+  for (uint32_t ag = 0; ag < g_.ag_count; ag++) (void)ReloadAgIfStaleLocked(ag);
   return free_total_;
+}
+
+uint64_t MetaStore::PeekAgFree(uint32_t ag) {
+  if (ag >= g_.ag_count) return 0;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (ag_bad_[ag]) return 0;
+    if (!ag_stale_[ag]) return ag_free_[ag];
+  }
+  AlignedBuffer buf(kBlockSize);
+  const uint64_t blk = g_.AgStart(ag);
+  Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
+  if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
+  if (!st.ok()) return 0;
+  const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
+  return h->ag_index == ag && h->free_blocks <= h->blocks ? h->free_blocks : 0;
 }
 
 uint64_t MetaStore::TotalDataBlocks() const {

@@ -12,13 +12,17 @@
 // - Checkpoint() writes committed copies home, flushes the device and advances the
 //   journal tail. Until a block's newest copy is home the block stays in the cache.
 // - Allocates blocks from allocation groups (bitmap + AG header, under the AG's
-//   lock). A freed block is not handed out again until the transaction that freed
-//   it is checkpointed: replaying an older transaction can then never overwrite it.
+//   lock): only from AGs whose lock the LockManager says the caller holds
+//   exclusively (kNoSpace "... in the allocation groups held" when those are full
+//   but others were not tried), and frees only in such AGs. A freed block is not
+//   handed out again until the transaction that freed it is checkpointed: replaying
+//   an older transaction can then never overwrite it.
 // - DropLock(id): commit, checkpoint and drop every block of that lock — what a lock
-//   revocation requires before the lock may be released. DropAll() does it for every
-//   block and also forgets the allocation counts (another node may change them); the
-//   first allocation, free or FreeBlocks() reads the AG headers again (a node that
-//   got the lock back only to read or to overwrite in place reads none).
+//   revocation requires before the lock may be released; for an AG lock it also
+//   forgets that AG's counts. DropAll() does it for every block and forgets every
+//   AG's counts (another node may change them). An AG's header is read again by the
+//   first allocation or free in it, or by FreeBlocks() (a node that got the lock back
+//   only to read or to overwrite in place reads none).
 // - Every block read or written is checked against the LockManager (Acquire) on a
 //   cache miss, and on every write even when cached.
 //
@@ -104,7 +108,11 @@ class MetaStore {
     Status Free(uint64_t blk, uint64_t count) override;
     // Whether the allocation bitmap marks `blk` in use (kCorruption outside the data
     // area). A freed metadata block keeps its old contents at home: callers that must
-    // know whether an inode still exists ask the bitmap.
+    // know whether an inode still exists ask the bitmap. Without the AG's lock (and
+    // no cached copy) the bitmap block is read from home and not cached: right for a
+    // bit that only a holder of the lock covering the whole filesystem exclusively
+    // may clear (an inode's), since that holder wrote it home before anyone else
+    // could ask, while another node may be setting other bits in the same block.
     Result<bool> Allocated(uint64_t blk);
     // Sequence of the running transaction this handle writes into.
     uint64_t seq() const { return seq_; }
@@ -138,10 +146,15 @@ class MetaStore {
   // are read again by the next allocation, free or FreeBlocks().
   Status DropAll();
 
-  // Sum over all AGs, excluding pending frees; reads the AG headers first if DropAll
-  // forgot the counts (the caller holds the lock that covers them again).
+  // Sum over all AGs (pending frees included); first reads the header of each AG
+  // whose counts were forgotten: the caller holds a lock that covers all AG headers
+  // (the filesystem lock, shared or exclusive).
   uint64_t FreeBlocks();
   uint64_t TotalDataBlocks() const;     // blocks in all AGs
+  // A hint for choosing an AG, under no lock: AG `ag`'s free count as this node knows
+  // it, or else as its header at home says (read, not cached; 0 when unreadable).
+  // Home lags the journal of a node holding the AG's lock.
+  uint64_t PeekAgFree(uint32_t ag);
   StoreStats stats() const;
   Status failed() const;
   const Superblock& super() const { return sb_; }
@@ -180,8 +193,10 @@ class MetaStore {
   bool PendingFree(uint64_t blk, uint64_t* skip_to) const;
 
   Status CommitInternal();
-  Status LoadAgsLocked();
-  Status ReloadAgsIfStaleLocked();  // LoadAgsLocked if DropAll forgot the counts
+  Status LoadAgsLocked();               // every AG, at Init
+  Status LoadAgLocked(uint32_t ag);     // one AG's header, read from home
+  void ForgetAgLocked(uint32_t ag);     // its lock went: counts unknown until read again
+  Status ReloadAgIfStaleLocked(uint32_t ag);
   void DropBufferLocked(uint64_t blk);
   size_t TxnLimit() const;
   Status CheckpointInternal();
@@ -212,8 +227,8 @@ class MetaStore {
   std::vector<uint32_t> ag_rotor_;   // where the next search in each AG starts
   std::vector<uint64_t> ag_first_free_;  // no free block below this offset in the AG
   std::vector<bool> ag_bad_;         // header unreadable: allocate nothing there
-  bool ags_stale_ = false;           // counts dropped by DropAll: reload before use
-  uint64_t free_total_ = 0;
+  std::vector<bool> ag_stale_;       // counts dropped with the AG's lock: reload first
+  uint64_t free_total_ = 0;          // sum of ag_free_ (stale AGs count 0)
   size_t unhomed_copies_ = 0;
   uint64_t pending_total_ = 0;  // blocks in pending_free_
   Status failed_;

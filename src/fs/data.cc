@@ -157,12 +157,52 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
   return len;
 }
 
+// The node's cursor stays where the last allocation worked, so the common case reads
+// nothing and takes an AG lock it already holds. Moving on, AGs whose header at home
+// says full are skipped without taking their lock (home lags a holder's journal, so a
+// header may promise room that is gone: the attempt then moves on). Blocks are freed
+// only under the filesystem lock held exclusively, which this node saw as a lock loss
+// (lock_epoch_ moved): then its home AG may have room again, and it goes back there.
+template <typename F>
+auto Filesystem::InEachAg(F f) -> decltype(f()) {
+  const uint32_t n = g_.ag_count;
+  const uint64_t epoch = lock_epoch_.load();
+  uint32_t start = alloc_ag_.load();
+  if (start != home_ag_ && alloc_epoch_.exchange(epoch) != epoch &&
+      store_->PeekAgFree(home_ag_) > 0) {
+    start = home_ag_;
+    alloc_ag_.store(start);
+  }
+  decltype(f()) r = Err(Code::kNoSpace, "no free blocks left in any allocation group");
+  for (uint32_t k = 0; k < n; k++) {
+    const uint32_t ag = (start + k) % n;
+    if (k > 0 && store_->PeekAgFree(ag) == 0) continue;
+    {
+      AgGate ag_gate(this, ag);
+      AGFS_RETURN_IF_ERROR(ag_gate.status());
+      r = f();
+    }
+    // Full (or the extent tree needs more than it has): what this attempt allocated
+    // stays mapped unwritten, and the next one goes on from there.
+    if (StatusOf(r).Is(Code::kNoSpace)) continue;
+    if (k > 0) {
+      alloc_ag_.store(ag);
+      alloc_epoch_.store(epoch);
+    }
+    return r;
+  }
+  return r;
+}
+
 // A write first tries the inode's own lock (InodeGate): enough when it lands on blocks
 // already written, the case of a VM image or database file rewritten in place. One
-// that must allocate, convert inline data or mark blocks written needs the allocator,
-// which only the exclusive filesystem lock covers (until AG locks): it starts over
-// under that. The node remembers per inode that the last write allocated and then
-// goes to the exclusive lock at once (an appender would otherwise ask twice).
+// that must allocate, convert inline data or mark blocks written finds that out
+// before changing anything and starts over with an AG lock as well (AgGate): this
+// node's own AG first, the next one when that is full. The node remembers per inode
+// that the last write allocated and then takes the AG lock at once (an appender would
+// otherwise try twice). Without intent (the node holds the filesystem lock
+// exclusively, the image predates intent locks, or every AG was full) the write runs
+// under the filesystem lock held exclusively, which covers every AG.
 Result<size_t> Filesystem::Write(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
                                  size_t len, bool append) {
   auto remember = [&](bool allocated) {
@@ -170,23 +210,36 @@ Result<size_t> Filesystem::Write(const Caller& c, uint64_t ino, uint64_t off, co
     auto it = refs_.find(ino);
     if (it != refs_.end()) it->second.write_allocates = allocated;
   };
-  bool try_in_place = intent_locks_;
-  if (try_in_place) {
-    std::lock_guard<std::mutex> g(states_mu_);
-    auto it = refs_.find(ino);
-    try_in_place = it == refs_.end() || !it->second.write_allocates;
-  }
-  if (try_in_place) {
+  if (intent_locks_) {
+    bool try_in_place = true;
+    {
+      std::lock_guard<std::mutex> g(states_mu_);
+      auto it = refs_.find(ino);
+      try_in_place = it == refs_.end() || !it->second.write_allocates;
+    }
     AGFS_INODE_GATE(Exclusive, ino);
-    const bool in_place_only = !GateAllowsWrite();  // not the exclusive lock
-    bool allocated = false;
-    auto r = RetryOnNoSpace(store_.get(), [&] {
-      return WriteOnce(c, ino, off, buf, len, append, in_place_only, &allocated);
-    });
-    if (!r.ok() || !allocated || !in_place_only) {
+    if (GateAllowsWrite()) {  // the filesystem lock itself, exclusively
+      bool allocated = false;
+      auto r = RetryOnNoSpace(store_.get(), [&] {
+        return WriteOnce(c, ino, off, buf, len, append, false, &allocated);
+      });
       if (r.ok()) remember(allocated);
       return r;
     }
+    if (try_in_place) {
+      bool allocated = false;
+      auto r = WriteOnce(c, ino, off, buf, len, append, true, &allocated);
+      if (!r.ok() || !allocated) {
+        if (r.ok()) remember(false);
+        return r;
+      }
+    }
+    bool allocated = false;
+    auto r = InEachAg([&] { return WriteOnce(c, ino, off, buf, len, append, false, &allocated); });
+    if (r.ok()) remember(allocated);
+    if (!r.status().Is(Code::kNoSpace)) return r;
+    // Every AG tried one by one: the exclusive lock sees them all at once, and frees
+    // waiting for a checkpoint too, before it answers ENOSPC.
   }
   AGFS_GATE(Exclusive, ino);
   bool allocated = false;
@@ -360,7 +413,18 @@ Status Filesystem::Truncate(const Caller& c, uint64_t ino, uint64_t new_size, bo
   return Status::Ok();
 }
 
+// Allocating (mode 0 or KEEP_SIZE) under intent takes AG locks as a write does; a punch
+// or zeroing frees blocks wherever they are, which only the exclusive filesystem lock
+// covers.
 Status Filesystem::Fallocate(const Caller& c, uint64_t ino, int mode, uint64_t off, uint64_t len) {
+  if (intent_locks_ && !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) {
+    AGFS_INODE_GATE(Exclusive, ino);
+    if (GateAllowsWrite()) {
+      return RetryOnNoSpace(store_.get(), [&] { return FallocateOnce(c, ino, mode, off, len); });
+    }
+    Status st = InEachAg([&] { return FallocateOnce(c, ino, mode, off, len); });
+    if (!st.Is(Code::kNoSpace)) return st;
+  }
   AGFS_GATE(Exclusive, ino);
   return RetryOnNoSpace(store_.get(), [&] { return FallocateOnce(c, ino, mode, off, len); });
 }

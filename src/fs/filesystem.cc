@@ -58,6 +58,8 @@ thread_local LockMode t_gate = LockMode::kNone;
 // and in which mode. Only its blocks may be read or written.
 thread_local LockId t_inode_lock = 0;
 thread_local LockMode t_inode_mode = LockMode::kNone;
+// Under intent: the AG lock this thread's AgGate pinned (exclusively), 0 if none.
+thread_local LockId t_ag_lock = 0;
 }  // namespace
 
 // Under intent, other nodes change other inodes meanwhile: nothing read here is
@@ -107,27 +109,29 @@ Result<InodeBlock*> WIno(MetaTxn& h, const Geometry& g, uint64_t ino) {
 namespace {
 
 // The LockManager MetaStore checks: every block access must happen under a gate, and
-// under intent only the blocks of the inode lock the thread pinned, plus reads of AG
-// headers and bitmaps: nobody allocates or frees beside an intent holder (that takes
-// the filesystem lock exclusively), so they cannot change meanwhile, and whoever
-// changed them last wrote them home before the lock moved. Held() answers
-// for the thread, which is what MetaStore's inode readahead needs: under intent it
-// caches no neighbour (their locks may be on their way to another node).
+// under intent only the blocks of the inode lock and the AG lock the thread pinned.
+// Held() answers for the thread, which is what MetaStore needs: its inode readahead
+// caches no neighbour under intent (their locks may be on their way to another node),
+// it allocates only in AGs held exclusively, and it reads a bitmap block of another
+// AG from home without caching it (MetaStore::Handle::Allocated).
 class GateLocks final : public LockManager {
  public:
   Status Acquire(LockId id, LockMode mode) override {
     if (t_gate == LockMode::kIntent) {
       if (id == t_inode_lock && Covers(t_inode_mode, mode)) return Status::Ok();
-      if (LockIdKind(id) == LockKind::kAg && mode == LockMode::kShared) return Status::Ok();
+      if (id == t_ag_lock) return Status::Ok();
       return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
-                                      " used under intent without its inode lock");
+                                      " used under intent without its inode or AG lock");
     }
     if (Covers(t_gate, mode)) return Status::Ok();
     return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                     " used outside the filesystem lock");
   }
   LockMode Held(LockId id) const override {
-    if (t_gate == LockMode::kIntent) return id == t_inode_lock ? t_inode_mode : LockMode::kNone;
+    if (t_gate == LockMode::kIntent) {
+      if (id == t_inode_lock) return t_inode_mode;
+      return id == t_ag_lock ? LockMode::kExclusive : LockMode::kNone;
+    }
     return t_gate;
   }
   void SetRevokeCallback(RevokeFn) override {}
@@ -197,6 +201,25 @@ Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : 
   t_inode_mode = mode;
 }
 
+Filesystem::AgGate::AgGate(Filesystem* fs, uint32_t ag) : fs_(fs) {
+  if (t_gate != LockMode::kIntent) return;
+  const LockId id = AgLock(ag);
+  if (t_ag_lock != 0) {
+    if (t_ag_lock != id) st_ = Err(Code::kInvalid, "a second AG lock inside an intent gate on one thread");
+    return;
+  }
+  st_ = GateError(fs_->lsvc_->Lock(id, LockMode::kExclusive));
+  if (!st_.ok()) return;
+  pinned_ = id;
+  t_ag_lock = id;
+}
+
+Filesystem::AgGate::~AgGate() {
+  if (pinned_ == 0) return;
+  t_ag_lock = 0;
+  fs_->lsvc_->Unpin(pinned_);
+}
+
 Filesystem::InodeGate::~InodeGate() {
   if (pinned_ != 0) {
     t_inode_lock = 0;
@@ -233,26 +256,35 @@ Status Filesystem::OnRevoke(LockMode to) {
   return st;
 }
 
-// Runs on the lock service's worker thread once no InodeGate pins the lock. Nothing
-// to take back from the kernel: attributes read under intent got no timeout, and
-// those read under the filesystem lock alone went when it moved to intent.
-Status Filesystem::OnInodeRevoke(LockId id, LockMode to) {
+// Runs on the lock service's worker thread once no InodeGate (AgGate) pins the lock.
+// Nothing to take back from the kernel: attributes read under intent got no timeout,
+// and those read under the filesystem lock alone went when it moved to intent.
+Status Filesystem::OnFineRevoke(LockId id, LockMode to) {
   const auto start = std::chrono::steady_clock::now();
   Status st = to == LockMode::kShared ? store_->Sync() : store_->DropLock(id);
   const auto took = std::chrono::steady_clock::now() - start;
   std::lock_guard<std::mutex> g(info_mu_);
-  info_.inode_lock_revokes++;
+  (LockIdKind(id) == LockKind::kAg ? info_.ag_lock_revokes : info_.inode_lock_revokes)++;
   info_.lock_revoke_us += std::chrono::duration_cast<std::chrono::microseconds>(took).count();
   return st;
 }
 
 Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   uint64_t gen = 0;
+  // Under intent the bitmap block usually lies in an AG whose lock this thread does
+  // not hold, and is then read from home (not cached) each time: once per inode and
+  // stamp is enough. Only a holder of the filesystem lock exclusively frees inodes:
+  // another node only once this one lost the lock (which moves lock_epoch_), this
+  // one only at a free (free_epoch_).
+  const bool intent = t_gate == LockMode::kIntent;
+  const uint64_t epoch = lock_epoch_.load(), free_epoch = free_epoch_.load();
+  bool stamped = false;
   {
     std::lock_guard<std::mutex> g(states_mu_);
     auto it = refs_.find(ino);
     if (it == refs_.end()) return Status::Ok();
     gen = it->second.generation;
+    stamped = it->second.known_epoch == epoch && it->second.known_free_epoch == free_epoch;
   }
   if (gen == 0) return Status::Ok();
   if (!ValidIno(g_, ino)) return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " out of range");
@@ -260,10 +292,20 @@ Status Filesystem::CheckKnown(MetaStore::Handle& h, uint64_t ino) {
   // the cached block unwritten), which may still look alive. A damaged bitmap block
   // must not make every inode it covers unreachable: the inode block's own checks
   // below still catch a reused inode.
-  auto used = h.Allocated(ino);
-  if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
-  if (used.ok() && !*used) {
-    return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+  if (!intent || !stamped) {
+    auto used = h.Allocated(ino);
+    if (!used.ok() && !used.status().Is(Code::kCorruption)) return used.status();
+    if (used.ok() && !*used) {
+      return Err(Code::kStaleInode, "inode " + std::to_string(ino) + " was deleted");
+    }
+    if (intent && used.ok()) {
+      std::lock_guard<std::mutex> g(states_mu_);
+      auto it = refs_.find(ino);
+      if (it != refs_.end() && it->second.generation == gen) {
+        it->second.known_epoch = epoch;
+        it->second.known_free_epoch = free_epoch;
+      }
+    }
   }
   auto r = h.Read(ino, BlockType::kInode, InodeLock(ino));
   if (!r.ok()) {
@@ -287,7 +329,9 @@ Status Filesystem::CheckKnown(uint64_t ino) {
 
 FsInfo Filesystem::info() const {
   std::lock_guard<std::mutex> g(info_mu_);
-  return info_;
+  FsInfo fi = info_;
+  fi.alloc_ag = alloc_ag_.load();
+  return fi;
 }
 
 // ------------------------------------------------------------------------------
@@ -330,6 +374,11 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   fs->io_ = fs->member_->guarded_device();
   fs->info_.slot = fs->member_->slot();
   fs->info_.generation = fs->member_->generation();
+  // Each slot starts at its own share of the AGs, spread evenly, so that nodes moving
+  // on from full AGs meet another node's AGs as late as possible.
+  fs->home_ag_ = static_cast<uint32_t>(uint64_t(fs->info_.slot) * fs->g_.ag_count /
+                                       std::max<uint32_t>(1, fs->g_.node_slots));
+  fs->alloc_ag_ = fs->home_ag_;
 
   LockService::Options lo;
   lo.poll_ms = opts.poll_ms;
@@ -339,7 +388,9 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Mount(std::unique_ptr<BlockDevic
   Filesystem* f = fs.get();
   lo.on_revoke = [f](LockId id, LockMode to) -> Status {
     if (id == kFsLock) return f->OnRevoke(to);
-    if (LockIdKind(id) == LockKind::kInode) return f->OnInodeRevoke(id, to);
+    if (LockIdKind(id) == LockKind::kInode || LockIdKind(id) == LockKind::kAg) {
+      return f->OnFineRevoke(id, to);
+    }
     return Status::Ok();
   };
   lo.on_recover = [f](uint32_t slot, uint64_t gen) { return f->RecoverSlot(slot, gen); };
@@ -435,9 +486,11 @@ Status Filesystem::Unmount() {
   // What the lock handovers cost this node, for an administrator comparing mounts.
   StoreStats ss = store_->stats();
   FsInfo fi = info();
-  spdlog::info("unmounted slot {}: {} filesystem and {} inode lock revokes ({} ms in all); "
-               "metadata cache {} hits, {} misses; {} journal commits ({} blocks), {} checkpoints",
-               fi.slot, fi.lock_revokes, fi.inode_lock_revokes, fi.lock_revoke_us / 1000,
+  spdlog::info("unmounted slot {}: {} filesystem, {} inode and {} AG lock revokes ({} ms in "
+               "all); metadata cache {} hits, {} misses; {} journal commits ({} blocks), {} "
+               "checkpoints",
+               fi.slot, fi.lock_revokes, fi.inode_lock_revokes, fi.ag_lock_revokes,
+               fi.lock_revoke_us / 1000,
                ss.cache_hits, ss.cache_misses, ss.commits, ss.blocks_journaled, ss.checkpoints);
   return Status::Ok();
 }
@@ -668,6 +721,7 @@ Status Filesystem::FreeInode(uint32_t orphan_slot, uint64_t ino) {
     }
     AGFS_RETURN_IF_ERROR(RemoveOrphan(*h, orphan_slot, ino));
     I->flags &= ~kInodeFlagOrphan;
+    free_epoch_++;  // CheckKnown asks the bitmap again
     return h->Free(ino, 1);
   }
 }

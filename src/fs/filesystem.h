@@ -178,7 +178,9 @@ struct FsInfo {
   uint64_t recoveries = 0;         // dead nodes whose journals this node replayed
   uint64_t lock_revokes = 0;       // times this node gave the filesystem lock up/down
   uint64_t inode_lock_revokes = 0;  // times this node gave an inode lock up/down
-  uint64_t lock_revoke_us = 0;     // time both kinds took: commit, write home, drop
+  uint64_t ag_lock_revokes = 0;    // times this node gave an AG lock up/down
+  uint32_t alloc_ag = 0;           // where writes under intent allocate now
+  uint64_t lock_revoke_us = 0;     // time all kinds took: commit, write home, drop
 };
 
 class Filesystem {
@@ -315,9 +317,13 @@ class Filesystem {
     uint64_t opens = 0;
     uint64_t generation = 0;  // as handed to the kernel (0: unknown, not checked)
     bool attrs_cached = false;  // MarkAttrsCached since the last TakeAttrsCached
-    // The last write here had to allocate (or mark blocks written): the next one goes
-    // straight to the exclusive filesystem lock instead of trying intent first.
+    // The last write here had to allocate (or mark blocks written): the next one takes
+    // an AG lock at once instead of trying the inode lock alone first.
     bool write_allocates = false;
+    // Under intent, CheckKnown found the inode allocated at this stamp (lock_epoch_
+    // and free_epoch_); it asks the bitmap again once either moved (0: never).
+    uint64_t known_epoch = 0;
+    uint64_t known_free_epoch = 0;
   };
 
  public:
@@ -352,8 +358,8 @@ class Filesystem {
   // `mode` by itself (shared or exclusive), no inode lock is taken: nobody else can
   // hold intent then. One inode lock per thread; inside another gate, as Gate.
   // Under intent, attributes carry no lock epoch (the kernel gets no timeout for
-  // them) and MetaStore may touch only the blocks of the pinned inode lock (and read
-  // AG blocks).
+  // them) and MetaStore may touch only the blocks of the pinned inode lock (and of
+  // an AG lock pinned by an AgGate inside).
   class InodeGate {
    public:
     InodeGate(Filesystem* fs, uint64_t ino, LockMode mode);
@@ -366,6 +372,25 @@ class Filesystem {
     Filesystem* fs_;
     std::optional<Gate> gate_;
     LockId pinned_ = 0;  // the inode lock this gate pinned, 0 if none
+    Status st_;
+  };
+
+  // Inside an InodeGate that took intent: pins AG `ag`'s lock exclusively for the
+  // rest of the scope, so that MetaStore may allocate (and free) in that AG and no
+  // other. Outside intent it does nothing (the filesystem lock held exclusively
+  // covers every AG; anything less allocates nothing). One AG lock per thread, taken
+  // with no MetaStore handle open (AG locks come last in the lock order).
+  class AgGate {
+   public:
+    AgGate(Filesystem* fs, uint32_t ag);
+    ~AgGate();
+    AgGate(const AgGate&) = delete;
+    AgGate& operator=(const AgGate&) = delete;
+    const Status& status() const { return st_; }
+
+   private:
+    Filesystem* fs_;
+    LockId pinned_ = 0;
     Status st_;
   };
 
@@ -443,10 +468,18 @@ class Filesystem {
   bool janitor_sweep_ = false;  // a file this node had published as open was closed
   Status RecoverSlot(uint32_t slot, uint64_t generation);
   Status OnRevoke(LockMode to);
-  // An inode lock goes down to `to`: its blocks are written home, and dropped unless
-  // `to` is shared.
-  Status OnInodeRevoke(LockId id, LockMode to);
+  // An inode or AG lock goes down to `to`: its blocks are written home, and dropped
+  // unless `to` is shared.
+  Status OnFineRevoke(LockId id, LockMode to);
   bool intent_locks_ = false;  // InodeGate takes intent (set at mount)
+  // Under intent, the AG a write that allocates locks first: this node's own,
+  // home_ag_ (slot * AG count / slots), until it fills, then the next one with room,
+  // and home again once space may have been freed (data.cc, InEachAg).
+  uint32_t home_ag_ = 0;
+  std::atomic<uint32_t> alloc_ag_{0};
+  std::atomic<uint64_t> alloc_epoch_{0};  // lock_epoch_ when alloc_ag_ last moved
+  // Moves when this node frees an inode (CheckKnown's stamp under intent).
+  std::atomic<uint64_t> free_epoch_{1};
 
   // References and orphans (filesystem.cc).
   // true: no refs left. *closed (if given): the last open went.
@@ -536,9 +569,16 @@ class Filesystem {
                           uint64_t rdev, std::string_view symlink_target);
   Result<Attr> CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
                               uint32_t mode, uint64_t rdev, std::string_view symlink_target);
+  // Under an InodeGate that took intent: runs `f` (which allocates) with an AgGate on
+  // this node's current AG, and on the next AG that may have room while `f` fails
+  // with kNoSpace, each AG at most once; then returns that kNoSpace (the caller runs
+  // `f` under the filesystem lock held exclusively). In data.cc.
+  template <typename F>
+  auto InEachAg(F f) -> decltype(f());
   // `*allocated` (if given) tells whether the write had to allocate blocks, convert
   // inline data or mark blocks written. With `in_place_only` it then changes nothing
-  // and returns 0: only the exclusive filesystem lock covers the allocator.
+  // and returns 0; otherwise it allocates in the AGs the caller's gates cover (the
+  // AgGate's, or every AG under the filesystem lock held exclusively).
   Result<size_t> WriteOnce(const Caller& c, uint64_t ino, uint64_t off, const char* buf,
                            size_t len, bool append, bool in_place_only = false,
                            bool* allocated = nullptr);

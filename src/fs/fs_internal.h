@@ -57,8 +57,9 @@ inline void TouchData(InodeBlock* I, Timespec64 now) {
 }
 
 // True when this thread's gates allow metadata writes (the node holds the lock
-// exclusively): changes of any block, allocation among them. Under intent, a thread
-// changes only the inode it holds exclusively (see InodeGate).
+// exclusively): changes of any block, allocation in any AG among them. Under intent,
+// a thread changes only the inode it holds exclusively (see InodeGate), and
+// allocates only in the AG an AgGate pinned.
 bool GateAllowsWrite();
 
 // POSIX ACLs kept in step with the mode (fs/acl.h; in xattr_ops.cc).

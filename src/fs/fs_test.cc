@@ -121,6 +121,11 @@ class FsTest : public ::testing::Test {
       }
     }
   }
+  // The AG where a node's allocations under intent start: its slot's share of them.
+  static uint32_t FirstAg(Filesystem* n) {
+    const Geometry& g = n->store()->geometry();
+    return static_cast<uint32_t>(uint64_t(n->info().slot) * g.ag_count / g.node_slots);
+  }
   // Unmounts this node (the last one) and checks the image: fsck must find it clean.
   void UnmountAndExpectClean() {
     ASSERT_TRUE(fs_->Unmount().ok());
@@ -858,17 +863,14 @@ TEST_F(FsTest, NodesRewritingDifferentFilesInPlaceShareTheFilesystemLock) {
   UnmountAndExpectClean();
 }
 
-// A write that must allocate needs the allocator, which only the exclusive filesystem
-// lock covers: a node holding intent starts such a write over under it, and the other
-// intent holder gives the lock up. The node then sends that file's next write to
-// the exclusive lock at once, until one of them lands in place again.
-TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) {
+// A write that must allocate takes, under intent, the lock of its node's own AG
+// (its slot's share of the AGs) beside the inode lock: two nodes appending to their own files
+// keep sharing the filesystem lock, and neither takes the other's AG lock.
+TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesItsNodesAgLockNotTheFilesystemLock) {
   const uint64_t fa = Create(Root(), "a");
   const uint64_t fb = Create(Root(), "b");
-  const uint64_t fc = Create(Root(), "c");
   WriteAt(fa, 0, std::string(kBlockSize, 'a'));
   WriteAt(fb, 0, std::string(kBlockSize, 'b'));
-  WriteAt(fc, 0, std::string(kBlockSize, 'c'));
   std::unique_ptr<Filesystem> b = MountSecondNode(false);
   ASSERT_TRUE(b);
   b->AddRef(fb, 0);  // the kernel knows it: where the node remembers how writes went
@@ -877,45 +879,132 @@ TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesTheFilesystemLockExclusively) 
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ASSERT_EQ(*r, d.size());
   };
-  auto both_intent = [&] {
-    SettleIntoIntent({fs_.get(), b.get()}, [&] {
-      write_b(0, "B");
-      WriteAt(fa, 0, "A");
-    });
-    ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
-    ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
-  };
-  both_intent();
-  uint64_t a_revokes = fs_->info().lock_revokes;
-  write_b(10 * kBlockSize, "tail");  // past the end: allocates
-  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kExclusive);
-  EXPECT_EQ(fs_->info().lock_revokes, a_revokes + 1);
-  std::string want = "B" + std::string(kBlockSize - 1, 'b') + std::string(9 * kBlockSize, '\0') +
-                     "tail";
-  EXPECT_EQ(ReadAll(fb), want);
-
-  // B's last write of fb allocated: its next one goes to the exclusive lock directly.
-  SettleIntoIntent({fs_.get(), b.get()}, [&] {  // A takes the lock over, then both intent
-    WriteAt(fa, 1, "A");
-    auto wc = b->Write(caller_, fc, 0, "C", 1);  // in place, and B knows nothing of fc
-    ASSERT_TRUE(wc.ok()) << wc.status().ToString();
+  SettleIntoIntent({fs_.get(), b.get()}, [&] {
+    write_b(0, "B");
+    WriteAt(fa, 0, "A");
   });
-  ASSERT_FALSE(HasFatalFailure());
   ASSERT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
   ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
-  a_revokes = fs_->info().lock_revokes;
-  write_b(1, "B");
-  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kExclusive);
-  EXPECT_EQ(fs_->info().lock_revokes, a_revokes + 1);
-  // That one landed in place: the next one tries intent again.
-  both_intent();
-  a_revokes = fs_->info().lock_revokes;
-  write_b(2, "B");
+  const uint32_t ags = fs_->store()->geometry().ag_count;
+  ASSERT_GE(ags, 2u);
+  const LockId ag_a = AgLock(FirstAg(fs_.get())), ag_b = AgLock(FirstAg(b.get()));
+  ASSERT_NE(ag_a, ag_b);
+  const uint64_t revokes = fs_->info().lock_revokes + b->info().lock_revokes;
+
+  // Both nodes append, each in its own AG, without taking the filesystem lock from
+  // the other; B's later writes take the AG lock at once (it remembers), in place too.
+  std::string want_a = "A" + std::string(kBlockSize - 1, 'a');
+  std::string want_b = "B" + std::string(kBlockSize - 1, 'b');
+  for (int i = 1; i <= 8; i++) {
+    const std::string ta(3 * kBlockSize + 17, char('0' + i)), tb(2 * kBlockSize + 5, char('a' + i));
+    WriteAt(fa, want_a.size(), ta);
+    want_a += ta;
+    write_b(want_b.size(), tb);
+    want_b += tb;
+    write_b(1, "x");
+    want_b[1] = 'x';
+  }
+  write_b(40 * kBlockSize, "tail");  // past the end, leaving a hole
+  want_b.resize(40 * kBlockSize, '\0');
+  want_b += "tail";
+  // Preallocation beyond the end takes the AG lock too, not the filesystem lock.
+  ASSERT_TRUE(b->Fallocate(caller_, fb, FALLOC_FL_KEEP_SIZE, want_b.size(), 16 * kBlockSize).ok());
+  ASSERT_TRUE(b->Fallocate(caller_, fb, 0, want_b.size(), 3).ok());
+  want_b += std::string(3, '\0');
+  EXPECT_EQ(fs_->lock_service()->Held(kFsLock), LockMode::kIntent);
   EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
-  EXPECT_EQ(fs_->info().lock_revokes, a_revokes);
+  EXPECT_EQ(fs_->info().lock_revokes + b->info().lock_revokes, revokes);
+  EXPECT_EQ(fs_->lock_service()->Held(ag_a), LockMode::kExclusive);
+  EXPECT_EQ(b->lock_service()->Held(ag_b), LockMode::kExclusive);
+  EXPECT_EQ(fs_->info().ag_lock_revokes + b->info().ag_lock_revokes, 0u);
   b->Forget(fb, 1);
 
   ASSERT_TRUE(b->Unmount().ok());
+  EXPECT_EQ(ReadAll(fa), want_a);
+  EXPECT_EQ(ReadAll(fb), want_b);
+  UnmountAndExpectClean();
+}
+
+// A node whose own AG is full moves on to the next AG; once every AG is full the write
+// fails with ENOSPC (after the filesystem lock held exclusively saw them all), and
+// nothing is allocated twice: the AG lock a node takes over from another comes with
+// that node's allocations written home.
+TEST_F(FsTest, WritesUnderIntentMoveOnFromAFullAgAndEndInNoSpace) {
+  const uint64_t fa = Create(Root(), "a");
+  const uint64_t fb = Create(Root(), "b");
+  WriteAt(fa, 0, std::string(kBlockSize, 'a'));
+  WriteAt(fb, 0, std::string(kBlockSize, 'b'));
+  std::unique_ptr<Filesystem> b = MountSecondNode(false);
+  ASSERT_TRUE(b);
+  auto write_b = [&](uint64_t off, const std::string& d) {
+    return b->Write(caller_, fb, off, d.data(), d.size());
+  };
+  SettleIntoIntent({fs_.get(), b.get()}, [&] {
+    ASSERT_TRUE(write_b(0, "B").ok());
+    WriteAt(fa, 0, "A");
+  });
+  ASSERT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  const Geometry& g = fs_->store()->geometry();
+  const LockId ag_a = AgLock(FirstAg(fs_.get()));
+  const LockId ag_b = AgLock(FirstAg(b.get()));
+  const LockId ag_next = AgLock((FirstAg(b.get()) + 1) % g.ag_count);
+  std::string want_a = "A" + std::string(kBlockSize - 1, 'a');
+  WriteAt(fa, want_a.size(), std::string(kBlockSize, 'c'));  // A takes its own AG
+  want_a += std::string(kBlockSize, 'c');
+  ASSERT_EQ(fs_->lock_service()->Held(ag_a), LockMode::kExclusive);
+
+  // More than one AG holds: B goes on into the next one.
+  const std::string chunk(1 << 20, 'z');
+  uint64_t size_b = kBlockSize;
+  while (size_b < uint64_t(g.ag_blocks) * kBlockSize * 3 / 2) {
+    auto r = write_b(size_b, chunk);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    size_b += chunk.size();
+  }
+  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  EXPECT_EQ(b->lock_service()->Held(ag_b), LockMode::kExclusive);
+  EXPECT_EQ(b->lock_service()->Held(ag_next), LockMode::kExclusive);
+  EXPECT_EQ(b->info().alloc_ag, FirstAg(b.get()) + 1);
+
+  // Until the disk is full: B passes through A's AG too, taking its lock over.
+  Status last;
+  for (int i = 0; i < 100000; i++) {
+    auto r = write_b(size_b, chunk);
+    if (!r.ok()) {
+      last = r.status();
+      break;
+    }
+    size_b += chunk.size();
+  }
+  ASSERT_TRUE(last.Is(Code::kNoSpace)) << last.ToString();
+  EXPECT_GE(fs_->info().ag_lock_revokes, 1u);
+  auto ra = fs_->Write(caller_, fa, want_a.size(), "more", 4);
+  ASSERT_FALSE(ra.ok());
+  EXPECT_TRUE(ra.status().Is(Code::kNoSpace)) << ra.status().ToString();
+
+  // B gives most of it back (under the filesystem lock held exclusively); both append
+  // again, and B, having seen the lock go, goes back to its own AG.
+  EXPECT_NE(b->info().alloc_ag, FirstAg(b.get()));
+  SetAttrRequest shrink;
+  shrink.size = true;
+  shrink.new_size = 3 * kBlockSize;
+  ASSERT_TRUE(b->SetAttr(caller_, fb, shrink).ok());
+  size_b = 3 * kBlockSize;
+  for (int i = 0; i < 4; i++) {
+    WriteAt(fa, want_a.size(), std::string(2 * kBlockSize, char('0' + i)));
+    want_a += std::string(2 * kBlockSize, char('0' + i));
+    auto r = write_b(size_b, std::string(kBlockSize, char('k' + i)));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    size_b += kBlockSize;
+  }
+  EXPECT_EQ(b->lock_service()->Held(kFsLock), LockMode::kIntent);
+  EXPECT_EQ(b->info().alloc_ag, FirstAg(b.get()));
+  ASSERT_TRUE(b->Unmount().ok());
+  EXPECT_EQ(ReadAll(fa), want_a);
+  std::string tail(4 * kBlockSize, '\0');
+  ASSERT_EQ(fs_->Read(fb, 3 * kBlockSize, tail.size(), tail.data()).value(), tail.size());
+  EXPECT_EQ(tail, std::string(kBlockSize, 'k') + std::string(kBlockSize, 'l') +
+                      std::string(kBlockSize, 'm') + std::string(kBlockSize, 'n'));
   UnmountAndExpectClean();
 }
 
