@@ -205,7 +205,9 @@ Filesystem::AgGate::AgGate(Filesystem* fs, uint32_t ag) : fs_(fs) {
   if (t_gate != LockMode::kIntent) return;
   const LockId id = AgLock(ag);
   if (t_ag_lock != 0) {
-    if (t_ag_lock != id) st_ = Err(Code::kInvalid, "a second AG lock inside an intent gate on one thread");
+    if (t_ag_lock != id) {
+      st_ = Err(Code::kInvalid, "a second AG lock inside an intent gate on one thread");
+    }
     return;
   }
   st_ = GateError(fs_->lsvc_->Lock(id, LockMode::kExclusive));

@@ -863,9 +863,9 @@ TEST_F(FsTest, NodesRewritingDifferentFilesInPlaceShareTheFilesystemLock) {
   UnmountAndExpectClean();
 }
 
-// A write that must allocate takes, under intent, the lock of its node's own AG
-// (its slot's share of the AGs) beside the inode lock: two nodes appending to their own files
-// keep sharing the filesystem lock, and neither takes the other's AG lock.
+// A write that must allocate takes, under intent, the lock of its node's own AG (its
+// slot's share of the AGs) beside the inode lock: two nodes appending to their own
+// files keep sharing the filesystem lock, and neither takes the other's AG lock.
 TEST_F(FsTest, AWriteThatAllocatesUnderIntentTakesItsNodesAgLockNotTheFilesystemLock) {
   const uint64_t fa = Create(Root(), "a");
   const uint64_t fb = Create(Root(), "b");
