@@ -47,28 +47,34 @@ Status MetaStore::LoadAgsLocked() {
   return Status::Ok();
 }
 
-Status MetaStore::LoadAgLocked(uint32_t ag) {
+Result<uint64_t> MetaStore::HomeAgFree(uint32_t ag) const {
   AlignedBuffer buf(kBlockSize);
-  uint64_t blk = g_.AgStart(ag);
-  Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
-  if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
+  const uint64_t blk = g_.AgStart(ag);
+  AGFS_RETURN_IF_ERROR(dev_->Read(blk * kBlockSize, buf.data(), kBlockSize));
+  AGFS_RETURN_IF_ERROR(VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_));
   const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
-  if (st.ok() && (h->ag_index != ag || h->blocks != g_.AgSize(ag) || h->free_blocks > h->blocks)) {
-    st = Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
+  if (h->ag_index != ag || h->blocks != g_.AgSize(ag) || h->free_blocks > h->blocks) {
+    return Err(Code::kCorruption, "AG header " + std::to_string(ag) + " has impossible counts");
   }
+  return uint64_t(h->free_blocks);
+}
+
+Status MetaStore::LoadAgLocked(uint32_t ag) {
+  auto free = HomeAgFree(ag);
   ag_rotor_[ag] = 0;
   ag_first_free_[ag] = 0;
-  if (!st.ok()) {
+  if (!free.ok()) {
     // An I/O error leaves the AG stale (allocate nothing there until a later read
-    // works); a damaged header makes it unusable until the next mount.
-    if (st.Is(Code::kIOError)) return st;
-    spdlog::error("allocation group {} unusable: {}", ag, st.ToString());
+    // works); a damaged header makes it unusable until its counts are forgotten
+    // again (the next loss of its lock).
+    if (free.status().Is(Code::kIOError)) return free.status();
+    spdlog::error("allocation group {} unusable: {}", ag, free.status().ToString());
     ag_bad_[ag] = true;
     ag_stale_[ag] = false;
     return Status::Ok();
   }
-  ag_free_[ag] = h->free_blocks;
-  free_total_ += h->free_blocks;
+  ag_free_[ag] = *free;
+  free_total_ += *free;
   ag_stale_[ag] = false;
   return Status::Ok();
 }
@@ -768,13 +774,8 @@ uint64_t MetaStore::PeekAgFree(uint32_t ag) {
     if (ag_bad_[ag]) return 0;
     if (!ag_stale_[ag]) return ag_free_[ag];
   }
-  AlignedBuffer buf(kBlockSize);
-  const uint64_t blk = g_.AgStart(ag);
-  Status st = dev_->Read(blk * kBlockSize, buf.data(), kBlockSize);
-  if (st.ok()) st = VerifyBlock(buf.data(), BlockType::kAgHeader, blk, uuid_);
-  if (!st.ok()) return 0;
-  const auto* h = reinterpret_cast<const AgHeader*>(buf.data());
-  return h->ag_index == ag && h->free_blocks <= h->blocks ? h->free_blocks : 0;
+  auto free = HomeAgFree(ag);
+  return free.ok() ? *free : 0;
 }
 
 uint64_t MetaStore::TotalDataBlocks() const {

@@ -194,6 +194,9 @@ class MetaStore {
 
   Status CommitInternal();
   Status LoadAgsLocked();               // every AG, at Init
+  // AG `ag`'s free count as its header at home says: read (not cached), verified and
+  // checked for impossible counts (kCorruption). No mutex needed.
+  Result<uint64_t> HomeAgFree(uint32_t ag) const;
   Status LoadAgLocked(uint32_t ag);     // one AG's header, read from home
   void ForgetAgLocked(uint32_t ag);     // its lock went: counts unknown until read again
   Status ReloadAgIfStaleLocked(uint32_t ag);
