@@ -186,18 +186,45 @@ Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlock(BlockType type
   if (!s_->failed_.ok()) return s_->failed_;
   auto a = s_->AllocLocked(hint, 1, true);
   if (!a.ok()) return a.status();
-  uint64_t blk = a->start;
-  s_->DropBufferLocked(blk);
+  return s_->NewBufferLocked(a->start, type, lock);
+}
+
+Result<uint64_t> MetaStore::Handle::PeekNewBlock(uint64_t hint) {
+  if (!s_->failed_.ok()) return s_->failed_;
+  auto a = s_->AllocLocked(hint, 1, false);
+  if (!a.ok()) return a.status();
+  return a->start;
+}
+
+Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlockAt(uint64_t blk, BlockType type,
+                                                                    LockId lock) {
+  if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
+  if (!s_->failed_.ok()) return s_->failed_;
+  // What NewBlock(blk) hands out is the first block it finds free from blk on.
+  auto peek = s_->AllocLocked(blk, 1, false);
+  if (!peek.ok()) return peek.status();
+  if (peek->start != blk) {
+    return Err(Code::kBusy, "block " + std::to_string(blk) + " is no longer free");
+  }
+  auto a = s_->AllocLocked(blk, 1, true);
+  if (!a.ok()) return a.status();
+  if (a->start != blk) return Err(Code::kCorruption, "the allocator changed its mind");
+  return s_->NewBufferLocked(blk, type, lock);
+}
+
+Result<std::pair<uint64_t, uint8_t*>> MetaStore::NewBufferLocked(uint64_t blk, BlockType type,
+                                                                 LockId lock) {
+  DropBufferLocked(blk);
   lock = ResolveLock(lock, blk);
-  auto b = std::make_unique<Buffer>(&s_->pool_);
+  auto b = std::make_unique<Buffer>(&pool_);
   if (!b->data.data()) return Err(Code::kNoMemory, "no memory for a metadata block");
   b->blk = blk;
   b->lock = lock;
-  InitHeader(b->data.data(), type, blk, s_->uuid_);
+  InitHeader(b->data.data(), type, blk, uuid_);
   Buffer* raw = b.get();
-  s_->cache_[blk] = std::move(b);
-  s_->by_lock_[lock].insert(blk);
-  s_->MarkDirty(raw);
+  cache_[blk] = std::move(b);
+  by_lock_[lock].insert(blk);
+  MarkDirty(raw);
   return std::make_pair(blk, raw->data.data());
 }
 
@@ -244,7 +271,7 @@ Result<bool> MetaStore::Handle::Allocated(uint64_t blk) {
 Result<Allocation> MetaStore::Handle::AllocData(uint64_t hint, uint32_t want) {
   if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
   if (!s_->failed_.ok()) return s_->failed_;
-  return s_->AllocLocked(hint, want, false);
+  return s_->AllocLocked(hint, want, true);
 }
 
 Status MetaStore::Handle::Free(uint64_t blk, uint64_t count) {
@@ -417,7 +444,7 @@ bool MetaStore::PendingFree(uint64_t blk, uint64_t* skip_to) const {
   return false;
 }
 
-Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want) {
+Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want, bool take) {
   const uint64_t base = g_.AgStart(ag);
   const uint32_t size = g_.AgSize(ag);
   // Nothing below ag_first_free_ is free: start there at the earliest, and move it up
@@ -459,6 +486,7 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
         len++;
         i++;
       }
+      if (!take) return Allocation{base + start, len};
       auto wb = GetLocked(bmblk, BlockType::kBitmap, AgLock(ag), true);
       if (!wb.ok()) return wb.status();
       auto* wbmp = reinterpret_cast<BitmapBlock*>((*wb)->data.data());
@@ -484,8 +512,7 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
   return Allocation{0, 0};
 }
 
-Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool metadata) {
-  (void)metadata;
+Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool take) {
   if (want == 0) want = 1;
   uint32_t first_ag = 0;
   uint64_t from = 0;
@@ -510,7 +537,7 @@ Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool met
     if (ag_bad_[ag] || ag_free_[ag] == 0) continue;
     uint64_t start = n == 0 ? from : ag_rotor_[ag];
     for (int pass = 0; pass < 2; pass++) {
-      auto a = AllocInAg(ag, pass == 0 ? start : 0, want);
+      auto a = AllocInAg(ag, pass == 0 ? start : 0, want, take);
       if (!a.ok()) {
         if (a.status().Is(Code::kCorruption)) {
           ag_bad_[ag] = true;
@@ -712,21 +739,37 @@ Status MetaStore::DropLock(LockId lock) {
     }
     std::lock_guard<std::mutex> g(mu_);
     auto it = by_lock_.find(lock);
-    if (it == by_lock_.end()) return Status::Ok();
-    bool any_dirty = false;
-    for (uint64_t blk : it->second) any_dirty |= cache_[blk]->dirty;
-    if (any_dirty) {
-      // Changed again meanwhile: commit again. Dropping a dirty block would lose it.
-      if (attempt < 100) continue;
-      return Err(Code::kBusy, "blocks of the lock keep changing while it is revoked");
+    if (it != by_lock_.end()) {
+      bool any_dirty = false;
+      for (uint64_t blk : it->second) any_dirty |= cache_[blk]->dirty;
+      if (any_dirty) {
+        // Changed again meanwhile: commit again. Dropping a dirty block would lose it.
+        if (attempt < 100) continue;
+        return Err(Code::kBusy, "blocks of the lock keep changing while it is revoked");
+      }
+      std::vector<uint64_t> blks(it->second.begin(), it->second.end());
+      for (uint64_t blk : blks) DropBufferLocked(blk);
     }
-    std::vector<uint64_t> blks(it->second.begin(), it->second.end());
-    for (uint64_t blk : blks) DropBufferLocked(blk);
+    if (LockIdKind(lock) == LockKind::kInode) DropLeavesLocked();
     if (LockIdKind(lock) == LockKind::kAg && LockIdNumber(lock) < g_.ag_count) {
       ForgetAgLocked(static_cast<uint32_t>(LockIdNumber(lock)));
     }
     return Status::Ok();
   }
+}
+
+// The leaves of the dropped lock's directory are clean and home by now: nothing
+// could change them since its revoke began. The others still changing (dirty, or
+// committed and not yet home) stay; they belong to directories whose locks are held.
+void MetaStore::DropLeavesLocked() {
+  std::vector<uint64_t> blks;
+  for (const auto& [lock, set] : by_lock_) {
+    if (LockIdKind(lock) != LockKind::kDirLeaf) continue;
+    for (uint64_t blk : set) {
+      if (cache_[blk]->in_lru) blks.push_back(blk);
+    }
+  }
+  for (uint64_t blk : blks) DropBufferLocked(blk);
 }
 
 Status MetaStore::DropAll() {

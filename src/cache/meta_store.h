@@ -19,7 +19,10 @@
 //   an older transaction can then never overwrite it.
 // - DropLock(id): commit, checkpoint and drop every block of that lock — what a lock
 //   revocation requires before the lock may be released; for an AG lock it also
-//   forgets that AG's counts. DropAll() does it for every block and forgets every
+//   forgets that AG's counts. For an inode lock it also drops every directory leaf
+//   block that is clean and home: until leaves have locks of their own, a
+//   directory's leaves are used under its inode lock, and the store cannot tell
+//   which directory a leaf belongs to. DropAll() does it for every block and forgets every
 //   AG's counts (another node may change them). An AG's header is read again by the
 //   first allocation or free in it, or by FreeBlocks() (a node that got the lock back
 //   only to read or to overwrite in place reads none).
@@ -114,6 +117,14 @@ class MetaStore {
     // may clear (an inode's), since that holder wrote it home before anyone else
     // could ask, while another node may be setting other bits in the same block.
     Result<bool> Allocated(uint64_t blk);
+    // The block NewBlock(type, lock, hint) would hand out now (same AGs, same order),
+    // changing nothing; kNoSpace as NewBlock. Read-only handles may ask.
+    Result<uint64_t> PeekNewBlock(uint64_t hint);
+    // NewBlock of exactly `blk`, which PeekNewBlock(blk) must give (true when
+    // PeekNewBlock(h) gave blk and nothing was allocated since): kBusy when another
+    // allocation took it meanwhile. Lets a caller take the lock of the block it will
+    // get before the block exists in the cache.
+    Result<std::pair<uint64_t, uint8_t*>> NewBlockAt(uint64_t blk, BlockType type, LockId lock);
     // Sequence of the running transaction this handle writes into.
     uint64_t seq() const { return seq_; }
 
@@ -182,13 +193,18 @@ class MetaStore {
 
   // All below require mu_ held.
   Result<Buffer*> GetLocked(uint64_t blk, BlockType type, LockId lock, bool for_write);
+  void DropLeavesLocked();
   Status ReadInodesAround(uint64_t blk, uint8_t* out);
   void MarkDirty(Buffer* b);
   void Touch(Buffer* b);
   void EvictLocked();
   size_t BlocksInMemory() const;  // cached blocks + committed copies not yet home
-  Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool metadata);
-  Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want);
+  // take false: only finds what would be allocated (changes nothing).
+  Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool take);
+  Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want, bool take);
+  // Caches a new, empty, dirty block `blk` of `type` under `lock` (just allocated).
+  Result<std::pair<uint64_t, uint8_t*>> NewBufferLocked(uint64_t blk, BlockType type,
+                                                        LockId lock);
   Status FreeLocked(uint64_t blk, uint64_t count);
   bool PendingFree(uint64_t blk, uint64_t* skip_to) const;
 

@@ -41,9 +41,9 @@ class MetaStoreTest : public ::testing::Test {
     ASSERT_TRUE(store_->Init().ok());
   }
   // A new xattr-type block with a recognisable payload.
-  uint64_t NewBlock(uint8_t fill) {
+  uint64_t NewBlock(uint8_t fill, LockId lock = MakeLockId(LockKind::kInode, 777)) {
     auto h = store_->Begin();
-    auto nb = h->NewBlock(BlockType::kXattr, MakeLockId(LockKind::kInode, 777), 0);
+    auto nb = h->NewBlock(BlockType::kXattr, lock, 0);
     EXPECT_TRUE(nb.ok());
     std::memset(nb->second + sizeof(BlockHeader), fill, 100);
     return nb->first;
@@ -110,6 +110,67 @@ TEST_F(MetaStoreTest, DropLockWritesHomeThenForgets) {
     ASSERT_TRUE(h->Read(a, BlockType::kXattr, lock).ok());
   }
   EXPECT_EQ(store_->stats().cache_misses, misses + 1);  // it had been dropped
+}
+
+// A create takes the lock of the inode number it will get before the block exists:
+// PeekNewBlock names the block NewBlock would hand out and changes nothing, and
+// NewBlockAt takes exactly that one, or answers kBusy once something else took it.
+TEST_F(MetaStoreTest, PeekNewBlockNamesTheNextBlockAndNewBlockAtTakesExactlyIt) {
+  const LockId lock = MakeLockId(LockKind::kInode, 777);
+  const uint64_t first = NewBlock(0x11);
+  const uint64_t free_before = store_->FreeBlocks();
+  uint64_t peeked = 0;
+  {
+    auto h = store_->Begin(true);
+    auto p1 = h->PeekNewBlock(first);
+    ASSERT_TRUE(p1.ok()) << p1.status().ToString();
+    auto p2 = h->PeekNewBlock(first);
+    ASSERT_TRUE(p2.ok());
+    EXPECT_EQ(*p1, *p2) << "a peek changed what comes next";
+    peeked = *p1;
+  }
+  EXPECT_EQ(store_->FreeBlocks(), free_before);
+  {
+    auto h = store_->Begin();
+    auto at = h->NewBlockAt(peeked, BlockType::kXattr, lock);
+    ASSERT_TRUE(at.ok()) << at.status().ToString();
+    EXPECT_EQ(at->first, peeked);
+    // Taken now: asking for it again is kBusy, and what comes next moved on.
+    auto again = h->NewBlockAt(peeked, BlockType::kXattr, lock);
+    ASSERT_FALSE(again.ok());
+    EXPECT_TRUE(again.status().Is(Code::kBusy)) << again.status().ToString();
+    auto next = h->PeekNewBlock(first);
+    ASSERT_TRUE(next.ok());
+    EXPECT_NE(*next, peeked);
+    auto nb = h->NewBlock(BlockType::kXattr, lock, first);
+    ASSERT_TRUE(nb.ok());
+    EXPECT_EQ(nb->first, *next) << "NewBlock handed out another block than the peek named";
+  }
+  EXPECT_EQ(store_->FreeBlocks(), free_before - 2);
+  ASSERT_TRUE(store_->Sync().ok());
+}
+
+// Directory leaves are used under their directory's inode lock (until leaf locks
+// exist), and the store cannot tell which directory a leaf belongs to: dropping any
+// inode lock drops every leaf, home first; dropping another kind of lock does not.
+TEST_F(MetaStoreTest, DroppingAnInodeLockDropsDirectoryLeavesToo) {
+  const LockId leaf_lock = MakeLockId(LockKind::kDirLeaf, 5);
+  const uint64_t leaf = NewBlock(0x55, leaf_lock);
+  auto read_leaf = [&] {
+    auto h = store_->Begin(true);
+    auto r = h->Read(leaf, BlockType::kXattr, leaf_lock);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ((*r)[sizeof(BlockHeader)], 0x55);
+  };
+  uint64_t misses = store_->stats().cache_misses;
+  ASSERT_TRUE(store_->DropLock(MakeLockId(LockKind::kAg, 0)).ok());
+  ASSERT_TRUE(store_->DropLock(MakeLockId(LockKind::kDirLeaf, 6)).ok());
+  read_leaf();
+  EXPECT_EQ(store_->stats().cache_misses, misses) << "dropped with a lock not an inode's";
+  ASSERT_TRUE(store_->DropLock(MakeLockId(LockKind::kInode, 12345)).ok());
+  EXPECT_EQ(OnDisk(leaf), 0x55);  // home before it went
+  read_leaf();
+  EXPECT_EQ(store_->stats().cache_misses, misses + 1) << "the leaf outlived an inode lock";
 }
 
 // After DropAll the allocation counts are whatever the disk says by the time they are
