@@ -54,10 +54,11 @@ thread_local uint64_t t_gate_epoch = 0;
 // gate taken while the node holds the lock exclusively may write too (the pin keeps
 // the node's hold from going down).
 thread_local LockMode t_gate = LockMode::kNone;
-// Under intent (t_gate == kIntent): the inode lock this thread's InodeGate pinned,
-// and in which mode. Only its blocks may be read or written.
-thread_local LockId t_inode_lock = 0;
-thread_local LockMode t_inode_mode = LockMode::kNone;
+// Under intent (t_gate == kIntent): the inode locks this thread's InodeGates pinned,
+// and in which modes: a first one, and a second one pinned after it (a directory's,
+// then a child's). Only their blocks may be read or written.
+thread_local LockId t_inode_lock[2] = {0, 0};
+thread_local LockMode t_inode_mode[2] = {LockMode::kNone, LockMode::kNone};
 // Under intent: the AG lock this thread's AgGate pinned (exclusively), 0 if none.
 thread_local LockId t_ag_lock = 0;
 }  // namespace
@@ -118,8 +119,7 @@ class GateLocks final : public LockManager {
  public:
   Status Acquire(LockId id, LockMode mode) override {
     if (t_gate == LockMode::kIntent) {
-      if (id == t_inode_lock && Covers(t_inode_mode, mode)) return Status::Ok();
-      if (id == t_ag_lock) return Status::Ok();
+      if (Covers(Held(id), mode)) return Status::Ok();
       return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                       " used under intent without its inode or AG lock");
     }
@@ -127,12 +127,23 @@ class GateLocks final : public LockManager {
     return Err(Code::kInvalid, "metadata lock " + std::to_string(LockIdNumber(id)) +
                                     " used outside the filesystem lock");
   }
+  // Under intent a directory's leaf blocks go with its inode lock (until leaf locks
+  // are taken of their own): a leaf is reached only through its directory's inode
+  // block, which this checks, and MetaStore drops the leaves with any inode lock.
+  // The slots' orphan lists may be read: they change only under the filesystem lock
+  // held exclusively, which no node holds beside intent, and a node drops its cached
+  // copies when it leaves intent (OnRevoke).
   LockMode Held(LockId id) const override {
-    if (t_gate == LockMode::kIntent) {
-      if (id == t_inode_lock) return t_inode_mode;
-      return id == t_ag_lock ? LockMode::kExclusive : LockMode::kNone;
+    if (t_gate != LockMode::kIntent) return t_gate;
+    if (id == t_ag_lock && id != 0) return LockMode::kExclusive;
+    LockMode m = LockIdKind(id) == LockKind::kSlot ? LockMode::kShared : LockMode::kNone;
+    for (int k = 0; k < 2; k++) {
+      if (t_inode_lock[k] == 0) continue;
+      if (id == t_inode_lock[k] || LockIdKind(id) == LockKind::kDirLeaf) {
+        m = Join(m, t_inode_mode[k]);
+      }
     }
-    return t_gate;
+    return m;
   }
   void SetRevokeCallback(RevokeFn) override {}
 };
@@ -148,6 +159,7 @@ Status GateError(Status st) {
 }  // namespace
 
 bool GateAllowsWrite() { return t_gate == LockMode::kExclusive; }
+bool GateIsIntent() { return t_gate == LockMode::kIntent; }
 
 Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   if (Covers(t_gate, mode)) return;
@@ -171,7 +183,8 @@ Filesystem::Gate::~Gate() {
   fs_->lsvc_->Unpin(kFsLock);
 }
 
-Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : fs_(fs) {
+Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode, bool free_inode)
+    : fs_(fs) {
   LockMode fs_mode = mode;
   if (fs_->intent_locks_ && t_gate == LockMode::kIntent) {
     fs_mode = LockMode::kIntent;
@@ -189,16 +202,20 @@ Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : 
   st_ = gate_->status();
   if (!st_.ok() || t_gate != LockMode::kIntent) return;
   const LockId id = InodeLock(ino);
-  if (t_inode_lock != 0) {
-    if (t_inode_lock == id && Covers(t_inode_mode, mode)) return;
-    st_ = Err(Code::kInvalid, "a second inode lock inside an intent gate on one thread");
+  for (int k = 0; k < 2; k++) {
+    if (t_inode_lock[k] == id && Covers(t_inode_mode[k], mode)) return;
+  }
+  if (t_inode_lock[1] != 0 || (t_ag_lock != 0 && !free_inode) || t_inode_lock[0] == id) {
+    st_ = Err(Code::kInvalid, "a third inode lock, an inode lock after an AG lock, or an "
+                              "upgrade inside an intent gate on one thread");
     return;
   }
   st_ = GateError(fs_->lsvc_->Lock(id, mode));
   if (!st_.ok()) return;
   pinned_ = id;
-  t_inode_lock = id;
-  t_inode_mode = mode;
+  slot_ = t_inode_lock[0] == 0 ? 0 : 1;
+  t_inode_lock[slot_] = id;
+  t_inode_mode[slot_] = mode;
 }
 
 Filesystem::AgGate::AgGate(Filesystem* fs, uint32_t ag) : fs_(fs) {
@@ -224,8 +241,8 @@ Filesystem::AgGate::~AgGate() {
 
 Filesystem::InodeGate::~InodeGate() {
   if (pinned_ != 0) {
-    t_inode_lock = 0;
-    t_inode_mode = LockMode::kNone;
+    t_inode_lock[slot_] = 0;
+    t_inode_mode[slot_] = LockMode::kNone;
     fs_->lsvc_->Unpin(pinned_);
   }
   gate_.reset();
@@ -628,10 +645,10 @@ void Filesystem::Forget(uint64_t ino, uint64_t n) {
   if (DropRefs(ino, n, 0)) MaybeFreeOrphan(ino);
 }
 
+// Under intent too: a node that wants to free the file takes the filesystem lock
+// exclusively, so this node publishes its opens (OnRevoke) before that.
 Status Filesystem::Open(uint64_t ino, int, const Caller&) {
-  Gate gate(this, LockMode::kShared);
-  AGFS_RETURN_IF_ERROR(gate.status());
-  AGFS_RETURN_IF_ERROR(CheckKnown(ino));
+  AGFS_INODE_GATE(Shared, ino);
   std::lock_guard<std::mutex> g(states_mu_);
   if (refs_[ino].opens++ == 0) open_inos_.insert(ino);
   return Status::Ok();
@@ -735,8 +752,13 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
     // kernel dropping its dentry cache) brings tens of thousands at once: this node's
     // orphan list (two cached blocks, under a shared gate) tells without reading the
     // inode or taking the lock exclusively. Only orphans on it are freed here
-    // (DisposeOrphan); one added meanwhile is looked at by whoever added it.
-    Gate shared(this, LockMode::kShared);
+    // (DisposeOrphan); one added meanwhile is looked at by whoever added it. A node
+    // holding intent reads the list under intent: asking shared beside it would take
+    // intent from every node at each close.
+    const LockMode held = lsvc_->Held(kFsLock);
+    const bool intent =
+        intent_locks_ && (held == LockMode::kIntent || held == LockMode::kExclusive);
+    Gate shared(this, intent ? LockMode::kIntent : LockMode::kShared);
     if (!shared.status().ok()) return;
     auto list = OrphansOf(info_.slot);
     if (list.ok() && std::find(list->begin(), list->end(), ino) == list->end()) return;

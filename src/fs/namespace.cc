@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cstring>
+#include <optional>
 
 #include "dir/dir.h"
 #include "extent/extent.h"
@@ -36,43 +37,116 @@ static Result<InodeBlock*> WDir(MetaTxn& h, const Geometry& g, uint64_t ino) {
   return *r;
 }
 
+// Under intent (InodeGate), in rounds: the name is resolved under the directory's
+// inode lock held shared, then, with no handle open, the child's lock is taken
+// shared as well (parent before child), and the name resolved again under both
+// before the child's attributes are read. ".." would take them child before parent,
+// which could close a cycle with a lookup going down: it runs under the filesystem
+// lock held shared instead, as every lookup does where intent locks are off.
 Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name, uint64_t* epoch) {
   if (epoch) *epoch = 0;
-  AGFS_GATE(Shared, parent);
-  if (epoch) *epoch = GateEpoch();
   AGFS_RETURN_IF_ERROR(CheckName(name));
-  auto h = store_->Begin(true);
-  auto pr = RIno(*h, g_, parent);
-  if (!pr.ok()) return pr.status();
-  const InodeBlock* P = *pr;
-  if (!IsDir(*P)) return Err(Code::kNotDir, "not a directory");
-  uint64_t target;
-  if (name == ".") {
-    target = parent;
-  } else if (name == "..") {
-    target = P->parent;
+  std::optional<Gate> dotdot;
+  std::optional<InodeGate> dir_gate;
+  if (name == "..") {
+    dotdot.emplace(this, LockMode::kShared);
+    AGFS_RETURN_IF_ERROR(dotdot->status());
   } else {
-    auto e = dir::Lookup(*h, parent, *P, name);
-    if (!e.ok()) return e.status();
-    target = e->ino;
+    dir_gate.emplace(this, parent, LockMode::kShared);
+    AGFS_RETURN_IF_ERROR(dir_gate->status());
   }
-  auto ir = RIno(*h, g_, target);
-  if (!ir.ok()) return ir.status();
-  return AttrOf(target, **ir);
+  AGFS_RETURN_IF_ERROR(CheckKnown(parent));
+  if (epoch) *epoch = GateEpoch();
+  // The inode `name` leads to in `parent`.
+  auto resolve = [&](MetaTxn& h) -> Result<uint64_t> {
+    auto pr = RIno(h, g_, parent);
+    if (!pr.ok()) return pr.status();
+    const InodeBlock* P = *pr;
+    if (!IsDir(*P)) return Err(Code::kNotDir, "not a directory");
+    if (name == ".") return parent;
+    if (name == "..") return P->parent;
+    auto e = dir::Lookup(h, parent, *P, name);
+    if (!e.ok()) return e.status();
+    return e->ino;
+  };
+  uint64_t target;
+  {
+    auto h = store_->Begin(true);
+    AGFS_ASSIGN_OR_RETURN(target, resolve(*h));
+    if (!GateIsIntent() || target == parent) {
+      auto ir = RIno(*h, g_, target);
+      if (!ir.ok()) return ir.status();
+      return AttrOf(target, **ir);
+    }
+  }
+  for (int round = 0;; round++) {
+    InodeGate child(this, target, LockMode::kShared);
+    AGFS_RETURN_IF_ERROR(child.status());
+    auto h = store_->Begin(true);
+    uint64_t now;
+    AGFS_ASSIGN_OR_RETURN(now, resolve(*h));
+    if (now == target || now == parent) {
+      auto ir = RIno(*h, g_, now);
+      if (!ir.ok()) return ir.status();
+      return AttrOf(now, **ir);
+    }
+    // Replaced while the lock was on its way (by this node, under the filesystem
+    // lock: another node would have needed the directory's lock). Try the new inode.
+    if (round >= 8) return Err(Code::kBusy, "the name keeps changing while it is looked up");
+    target = now;
+  }
 }
 
+// Under intent (the first cut of "names by leaf lock", docs/DESIGN.md): the
+// directory's inode lock exclusively (its leaves go with it), an AG lock for the new
+// inode block (and any leaf or ACL block), and the new inode's own lock, taken by
+// number before the block exists in the cache: another node's stale kernel inode of
+// that number would otherwise read it at home while it changes here. A symlink
+// whose target does not fit in the inode writes its data as a file does and goes
+// under the filesystem lock held exclusively, as does a create that found no room
+// in any AG one by one.
 Result<Attr> Filesystem::CreateNode(const Caller& c, uint64_t parent, std::string_view name,
                                     uint32_t mode, uint64_t rdev,
                                     std::string_view symlink_target) {
+  const bool long_symlink = S_ISLNK(mode) && symlink_target.size() > kInodeDataSize;
+  if (intent_locks_ && !long_symlink) {
+    AGFS_INODE_GATE(Exclusive, parent);
+    if (GateIsIntent()) {
+      auto r = InEachAg([&] { return CreateInAg(c, parent, name, mode, rdev, symlink_target); });
+      if (!r.status().Is(Code::kNoSpace)) return r;
+    } else {
+      return RetryOnNoSpace(store_.get(), [&] {
+        return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
+      });
+    }
+  }
   AGFS_GATE(Exclusive, parent);
   return RetryOnNoSpace(store_.get(), [&] {
     return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
   });
 }
 
+Result<Attr> Filesystem::CreateInAg(const Caller& c, uint64_t parent, std::string_view name,
+                                    uint32_t mode, uint64_t rdev,
+                                    std::string_view symlink_target) {
+  for (int attempt = 0;; attempt++) {
+    uint64_t ino;
+    {
+      auto h = store_->Begin(true);
+      AGFS_ASSIGN_OR_RETURN(ino, h->PeekNewBlock(parent));
+    }
+    InodeGate inode_gate(this, ino, LockMode::kExclusive, true);
+    AGFS_RETURN_IF_ERROR(inode_gate.status());
+    auto r = CreateNodeOnce(c, parent, name, mode, rdev, symlink_target, ino);
+    // Another thread of this node took that number while its lock was on its way.
+    if (r.status().Is(Code::kBusy) && attempt < 16) continue;
+    return r;
+  }
+}
+
 Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
                                         uint32_t mode, uint64_t rdev,
-                                        std::string_view symlink_target) {
+                                        std::string_view symlink_target, uint64_t at) {
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kExists, "name exists");
   bool is_dir = S_ISDIR(mode);
@@ -98,7 +172,8 @@ Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::s
   xattr::Entries inherited;
   AGFS_RETURN_IF_ERROR(InheritAcl(*h, parent, *P, c.umask, &mode, &inherited));
 
-  auto nb = h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), parent);
+  auto nb = at != 0 ? h->NewBlockAt(at, BlockType::kInode, SelfLock(LockKind::kInode))
+                    : h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), parent);
   if (!nb.ok()) return nb.status();
   uint64_t ino = nb->first;
   auto* I = reinterpret_cast<InodeBlock*>(nb->second);
