@@ -186,45 +186,18 @@ Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlock(BlockType type
   if (!s_->failed_.ok()) return s_->failed_;
   auto a = s_->AllocLocked(hint, 1, true);
   if (!a.ok()) return a.status();
-  return s_->NewBufferLocked(a->start, type, lock);
-}
-
-Result<uint64_t> MetaStore::Handle::PeekNewBlock(uint64_t hint) {
-  if (!s_->failed_.ok()) return s_->failed_;
-  auto a = s_->AllocLocked(hint, 1, false);
-  if (!a.ok()) return a.status();
-  return a->start;
-}
-
-Result<std::pair<uint64_t, uint8_t*>> MetaStore::Handle::NewBlockAt(uint64_t blk, BlockType type,
-                                                                    LockId lock) {
-  if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
-  if (!s_->failed_.ok()) return s_->failed_;
-  // What NewBlock(blk) hands out is the first block it finds free from blk on.
-  auto peek = s_->AllocLocked(blk, 1, false);
-  if (!peek.ok()) return peek.status();
-  if (peek->start != blk) {
-    return Err(Code::kBusy, "block " + std::to_string(blk) + " is no longer free");
-  }
-  auto a = s_->AllocLocked(blk, 1, true);
-  if (!a.ok()) return a.status();
-  if (a->start != blk) return Err(Code::kCorruption, "the allocator changed its mind");
-  return s_->NewBufferLocked(blk, type, lock);
-}
-
-Result<std::pair<uint64_t, uint8_t*>> MetaStore::NewBufferLocked(uint64_t blk, BlockType type,
-                                                                 LockId lock) {
-  DropBufferLocked(blk);
+  uint64_t blk = a->start;
+  s_->DropBufferLocked(blk);
   lock = ResolveLock(lock, blk);
-  auto b = std::make_unique<Buffer>(&pool_);
+  auto b = std::make_unique<Buffer>(&s_->pool_);
   if (!b->data.data()) return Err(Code::kNoMemory, "no memory for a metadata block");
   b->blk = blk;
   b->lock = lock;
-  InitHeader(b->data.data(), type, blk, uuid_);
+  InitHeader(b->data.data(), type, blk, s_->uuid_);
   Buffer* raw = b.get();
-  cache_[blk] = std::move(b);
-  by_lock_[lock].insert(blk);
-  MarkDirty(raw);
+  s_->cache_[blk] = std::move(b);
+  s_->by_lock_[lock].insert(blk);
+  s_->MarkDirty(raw);
   return std::make_pair(blk, raw->data.data());
 }
 
@@ -271,7 +244,7 @@ Result<bool> MetaStore::Handle::Allocated(uint64_t blk) {
 Result<Allocation> MetaStore::Handle::AllocData(uint64_t hint, uint32_t want) {
   if (read_only_) return Err(Code::kReadOnly, "allocation through a read-only handle");
   if (!s_->failed_.ok()) return s_->failed_;
-  return s_->AllocLocked(hint, want, true);
+  return s_->AllocLocked(hint, want, false);
 }
 
 Status MetaStore::Handle::Free(uint64_t blk, uint64_t count) {
@@ -444,7 +417,7 @@ bool MetaStore::PendingFree(uint64_t blk, uint64_t* skip_to) const {
   return false;
 }
 
-Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want, bool take) {
+Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t want) {
   const uint64_t base = g_.AgStart(ag);
   const uint32_t size = g_.AgSize(ag);
   // Nothing below ag_first_free_ is free: start there at the earliest, and move it up
@@ -486,7 +459,6 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
         len++;
         i++;
       }
-      if (!take) return Allocation{base + start, len};
       auto wb = GetLocked(bmblk, BlockType::kBitmap, AgLock(ag), true);
       if (!wb.ok()) return wb.status();
       auto* wbmp = reinterpret_cast<BitmapBlock*>((*wb)->data.data());
@@ -512,7 +484,8 @@ Result<Allocation> MetaStore::AllocInAg(uint32_t ag, uint64_t from, uint32_t wan
   return Allocation{0, 0};
 }
 
-Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool take) {
+Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool metadata) {
+  (void)metadata;
   if (want == 0) want = 1;
   uint32_t first_ag = 0;
   uint64_t from = 0;
@@ -537,7 +510,7 @@ Result<Allocation> MetaStore::AllocLocked(uint64_t hint, uint32_t want, bool tak
     if (ag_bad_[ag] || ag_free_[ag] == 0) continue;
     uint64_t start = n == 0 ? from : ag_rotor_[ag];
     for (int pass = 0; pass < 2; pass++) {
-      auto a = AllocInAg(ag, pass == 0 ? start : 0, want, take);
+      auto a = AllocInAg(ag, pass == 0 ? start : 0, want);
       if (!a.ok()) {
         if (a.status().Is(Code::kCorruption)) {
           ag_bad_[ag] = true;

@@ -117,14 +117,6 @@ class MetaStore {
     // may clear (an inode's), since that holder wrote it home before anyone else
     // could ask, while another node may be setting other bits in the same block.
     Result<bool> Allocated(uint64_t blk);
-    // The block NewBlock(type, lock, hint) would hand out now (same AGs, same order),
-    // changing nothing; kNoSpace as NewBlock. Read-only handles may ask.
-    Result<uint64_t> PeekNewBlock(uint64_t hint);
-    // NewBlock of exactly `blk`, which PeekNewBlock(blk) must give (true when
-    // PeekNewBlock(h) gave blk and nothing was allocated since): kBusy when another
-    // allocation took it meanwhile. Lets a caller take the lock of the block it will
-    // get before the block exists in the cache.
-    Result<std::pair<uint64_t, uint8_t*>> NewBlockAt(uint64_t blk, BlockType type, LockId lock);
     // Sequence of the running transaction this handle writes into.
     uint64_t seq() const { return seq_; }
 
@@ -199,12 +191,8 @@ class MetaStore {
   void Touch(Buffer* b);
   void EvictLocked();
   size_t BlocksInMemory() const;  // cached blocks + committed copies not yet home
-  // take false: only finds what would be allocated (changes nothing).
-  Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool take);
-  Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want, bool take);
-  // Caches a new, empty, dirty block `blk` of `type` under `lock` (just allocated).
-  Result<std::pair<uint64_t, uint8_t*>> NewBufferLocked(uint64_t blk, BlockType type,
-                                                        LockId lock);
+  Result<Allocation> AllocLocked(uint64_t hint, uint32_t want, bool metadata);
+  Result<Allocation> AllocInAg(uint32_t ag, uint64_t from, uint32_t want);
   Status FreeLocked(uint64_t blk, uint64_t count);
   bool PendingFree(uint64_t blk, uint64_t* skip_to) const;
 

@@ -112,44 +112,6 @@ TEST_F(MetaStoreTest, DropLockWritesHomeThenForgets) {
   EXPECT_EQ(store_->stats().cache_misses, misses + 1);  // it had been dropped
 }
 
-// A create takes the lock of the inode number it will get before the block exists:
-// PeekNewBlock names the block NewBlock would hand out and changes nothing, and
-// NewBlockAt takes exactly that one, or answers kBusy once something else took it.
-TEST_F(MetaStoreTest, PeekNewBlockNamesTheNextBlockAndNewBlockAtTakesExactlyIt) {
-  const LockId lock = MakeLockId(LockKind::kInode, 777);
-  const uint64_t first = NewBlock(0x11);
-  const uint64_t free_before = store_->FreeBlocks();
-  uint64_t peeked = 0;
-  {
-    auto h = store_->Begin(true);
-    auto p1 = h->PeekNewBlock(first);
-    ASSERT_TRUE(p1.ok()) << p1.status().ToString();
-    auto p2 = h->PeekNewBlock(first);
-    ASSERT_TRUE(p2.ok());
-    EXPECT_EQ(*p1, *p2) << "a peek changed what comes next";
-    peeked = *p1;
-  }
-  EXPECT_EQ(store_->FreeBlocks(), free_before);
-  {
-    auto h = store_->Begin();
-    auto at = h->NewBlockAt(peeked, BlockType::kXattr, lock);
-    ASSERT_TRUE(at.ok()) << at.status().ToString();
-    EXPECT_EQ(at->first, peeked);
-    // Taken now: asking for it again is kBusy, and what comes next moved on.
-    auto again = h->NewBlockAt(peeked, BlockType::kXattr, lock);
-    ASSERT_FALSE(again.ok());
-    EXPECT_TRUE(again.status().Is(Code::kBusy)) << again.status().ToString();
-    auto next = h->PeekNewBlock(first);
-    ASSERT_TRUE(next.ok());
-    EXPECT_NE(*next, peeked);
-    auto nb = h->NewBlock(BlockType::kXattr, lock, first);
-    ASSERT_TRUE(nb.ok());
-    EXPECT_EQ(nb->first, *next) << "NewBlock handed out another block than the peek named";
-  }
-  EXPECT_EQ(store_->FreeBlocks(), free_before - 2);
-  ASSERT_TRUE(store_->Sync().ok());
-}
-
 // Directory leaves are used under their directory's inode lock (until leaf locks
 // exist), and the store cannot tell which directory a leaf belongs to: dropping any
 // inode lock drops every leaf, home first; dropping another kind of lock does not.

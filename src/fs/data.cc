@@ -157,6 +157,43 @@ Result<size_t> Filesystem::Read(uint64_t ino, uint64_t off, size_t len, char* bu
   return len;
 }
 
+// The node's cursor stays where the last allocation worked, so the common case reads
+// nothing and takes an AG lock it already holds. Moving on, AGs whose header at home
+// says full are skipped without taking their lock (home lags a holder's journal, so a
+// header may promise room that is gone: the attempt then moves on). Blocks are freed
+// only under the filesystem lock held exclusively, which this node saw as a lock loss
+// (lock_epoch_ moved): then its home AG may have room again, and it goes back there.
+template <typename F>
+auto Filesystem::InEachAg(F f) -> decltype(f()) {
+  const uint32_t n = g_.ag_count;
+  const uint64_t epoch = lock_epoch_.load();
+  uint32_t start = alloc_ag_.load();
+  if (start != home_ag_ && alloc_epoch_.exchange(epoch) != epoch &&
+      store_->PeekAgFree(home_ag_) > 0) {
+    start = home_ag_;
+    alloc_ag_.store(start);
+  }
+  decltype(f()) r = Err(Code::kNoSpace, "no free blocks left in any allocation group");
+  for (uint32_t k = 0; k < n; k++) {
+    const uint32_t ag = (start + k) % n;
+    if (k > 0 && store_->PeekAgFree(ag) == 0) continue;
+    {
+      AgGate ag_gate(this, ag);
+      AGFS_RETURN_IF_ERROR(ag_gate.status());
+      r = f();
+    }
+    // Full (or the extent tree needs more than it has): what this attempt allocated
+    // stays mapped unwritten, and the next one goes on from there.
+    if (StatusOf(r).Is(Code::kNoSpace)) continue;
+    if (k > 0) {
+      alloc_ag_.store(ag);
+      alloc_epoch_.store(epoch);
+    }
+    return r;
+  }
+  return r;
+}
+
 // A write first tries the inode's own lock (InodeGate): enough when it lands on blocks
 // already written, the case of a VM image or database file rewritten in place. One
 // that must allocate, convert inline data or mark blocks written finds that out

@@ -183,8 +183,7 @@ Filesystem::Gate::~Gate() {
   fs_->lsvc_->Unpin(kFsLock);
 }
 
-Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode, bool free_inode)
-    : fs_(fs) {
+Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : fs_(fs) {
   LockMode fs_mode = mode;
   if (fs_->intent_locks_ && t_gate == LockMode::kIntent) {
     fs_mode = LockMode::kIntent;
@@ -205,7 +204,7 @@ Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode, bo
   for (int k = 0; k < 2; k++) {
     if (t_inode_lock[k] == id && Covers(t_inode_mode[k], mode)) return;
   }
-  if (t_inode_lock[1] != 0 || (t_ag_lock != 0 && !free_inode) || t_inode_lock[0] == id) {
+  if (t_inode_lock[1] != 0 || t_ag_lock != 0 || t_inode_lock[0] == id) {
     st_ = Err(Code::kInvalid, "a third inode lock, an inode lock after an AG lock, or an "
                               "upgrade inside an intent gate on one thread");
     return;

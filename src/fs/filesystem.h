@@ -360,16 +360,13 @@ class Filesystem {
   // thread: a second InodeGate inside the first pins another inode's lock, which the
   // caller must take with no MetaStore handle open and only where it cannot close a
   // cycle (a directory's child after the directory; never the other way round), and
-  // never after an AgGate — except, with `free_inode`, the lock of an inode number
-  // the allocator is about to hand out (CreateNode): whoever else pins a free
-  // inode's lock waits for nothing more (a stale kernel inode learns ESTALE, another
-  // creator waits for the AG lock first). Under intent, attributes carry no lock epoch (the kernel
+  // never after an AgGate. Under intent, attributes carry no lock epoch (the kernel
   // gets no timeout for them) and MetaStore may touch only the blocks of the pinned
   // inode locks (a directory's leaf blocks go with its inode lock) and of an AG lock
   // pinned by an AgGate inside.
   class InodeGate {
    public:
-    InodeGate(Filesystem* fs, uint64_t ino, LockMode mode, bool free_inode = false);
+    InodeGate(Filesystem* fs, uint64_t ino, LockMode mode);
     ~InodeGate();
     InodeGate(const InodeGate&) = delete;
     InodeGate& operator=(const InodeGate&) = delete;
@@ -575,19 +572,12 @@ class Filesystem {
   Status ZeroPartialBlock(MetaTxn& h, uint64_t ino, const InodeBlock& I, uint64_t from);
   Result<Attr> CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                           uint64_t rdev, std::string_view symlink_target);
-  // `at`: the inode number to take (MetaStore::Handle::NewBlockAt; kBusy when it was
-  // taken meanwhile), 0 for any.
   Result<Attr> CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
-                              uint32_t mode, uint64_t rdev, std::string_view symlink_target,
-                              uint64_t at = 0);
-  // Under intent with `parent`'s lock pinned exclusively and an AgGate: takes the lock
-  // of the inode number the AG would hand out next, then creates with that number.
-  Result<Attr> CreateInAg(const Caller& c, uint64_t parent, std::string_view name,
-                          uint32_t mode, uint64_t rdev, std::string_view symlink_target);
+                              uint32_t mode, uint64_t rdev, std::string_view symlink_target);
   // Under an InodeGate that took intent: runs `f` (which allocates) with an AgGate on
   // this node's current AG, and on the next AG that may have room while `f` fails
   // with kNoSpace, each AG at most once; then returns that kNoSpace (the caller runs
-  // `f` under the filesystem lock held exclusively). In fs_internal.h.
+  // `f` under the filesystem lock held exclusively). In data.cc.
   template <typename F>
   auto InEachAg(F f) -> decltype(f());
   // `*allocated` (if given) tells whether the write had to allocate blocks, convert

@@ -97,56 +97,18 @@ Result<Attr> Filesystem::Lookup(uint64_t parent, std::string_view name, uint64_t
   }
 }
 
-// Under intent (the first cut of "names by leaf lock", docs/DESIGN.md): the
-// directory's inode lock exclusively (its leaves go with it), an AG lock for the new
-// inode block (and any leaf or ACL block), and the new inode's own lock, taken by
-// number before the block exists in the cache: another node's stale kernel inode of
-// that number would otherwise read it at home while it changes here. A symlink
-// whose target does not fit in the inode writes its data as a file does and goes
-// under the filesystem lock held exclusively, as does a create that found no room
-// in any AG one by one.
 Result<Attr> Filesystem::CreateNode(const Caller& c, uint64_t parent, std::string_view name,
                                     uint32_t mode, uint64_t rdev,
                                     std::string_view symlink_target) {
-  const bool long_symlink = S_ISLNK(mode) && symlink_target.size() > kInodeDataSize;
-  if (intent_locks_ && !long_symlink) {
-    AGFS_INODE_GATE(Exclusive, parent);
-    if (GateIsIntent()) {
-      auto r = InEachAg([&] { return CreateInAg(c, parent, name, mode, rdev, symlink_target); });
-      if (!r.status().Is(Code::kNoSpace)) return r;
-    } else {
-      return RetryOnNoSpace(store_.get(), [&] {
-        return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
-      });
-    }
-  }
   AGFS_GATE(Exclusive, parent);
   return RetryOnNoSpace(store_.get(), [&] {
     return CreateNodeOnce(c, parent, name, mode, rdev, symlink_target);
   });
 }
 
-Result<Attr> Filesystem::CreateInAg(const Caller& c, uint64_t parent, std::string_view name,
-                                    uint32_t mode, uint64_t rdev,
-                                    std::string_view symlink_target) {
-  for (int attempt = 0;; attempt++) {
-    uint64_t ino;
-    {
-      auto h = store_->Begin(true);
-      AGFS_ASSIGN_OR_RETURN(ino, h->PeekNewBlock(parent));
-    }
-    InodeGate inode_gate(this, ino, LockMode::kExclusive, true);
-    AGFS_RETURN_IF_ERROR(inode_gate.status());
-    auto r = CreateNodeOnce(c, parent, name, mode, rdev, symlink_target, ino);
-    // Another thread of this node took that number while its lock was on its way.
-    if (r.status().Is(Code::kBusy) && attempt < 16) continue;
-    return r;
-  }
-}
-
 Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::string_view name,
                                         uint32_t mode, uint64_t rdev,
-                                        std::string_view symlink_target, uint64_t at) {
+                                        std::string_view symlink_target) {
   AGFS_RETURN_IF_ERROR(CheckName(name));
   if (IsDotName(name)) return Err(Code::kExists, "name exists");
   bool is_dir = S_ISDIR(mode);
@@ -172,8 +134,7 @@ Result<Attr> Filesystem::CreateNodeOnce(const Caller& c, uint64_t parent, std::s
   xattr::Entries inherited;
   AGFS_RETURN_IF_ERROR(InheritAcl(*h, parent, *P, c.umask, &mode, &inherited));
 
-  auto nb = at != 0 ? h->NewBlockAt(at, BlockType::kInode, SelfLock(LockKind::kInode))
-                    : h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), parent);
+  auto nb = h->NewBlock(BlockType::kInode, SelfLock(LockKind::kInode), parent);
   if (!nb.ok()) return nb.status();
   uint64_t ino = nb->first;
   auto* I = reinterpret_cast<InodeBlock*>(nb->second);
