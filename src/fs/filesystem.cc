@@ -749,16 +749,16 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
   {
     // Nearly every inode the kernel forgets is no orphan, and a forget storm (the
     // kernel dropping its dentry cache) brings tens of thousands at once: this node's
-    // orphan list (two cached blocks, under a shared gate) tells without reading the
-    // inode or taking the lock exclusively. Only orphans on it are freed here
-    // (DisposeOrphan); one added meanwhile is looked at by whoever added it. A node
-    // holding intent reads the list under intent: asking shared beside it would take
-    // intent from every node at each close.
+    // orphan list (two cached blocks) tells without reading the inode or taking the
+    // lock exclusively. Only orphans on it are freed here (DisposeOrphan); one added
+    // meanwhile is looked at by whoever added it. The list is read under a shared
+    // gate, or under intent on a node holding intent: asking shared beside it would
+    // take intent from every node at each close.
     const LockMode held = lsvc_->Held(kFsLock);
     const bool intent =
         intent_locks_ && (held == LockMode::kIntent || held == LockMode::kExclusive);
-    Gate shared(this, intent ? LockMode::kIntent : LockMode::kShared);
-    if (!shared.status().ok()) return;
+    Gate list_gate(this, intent ? LockMode::kIntent : LockMode::kShared);
+    if (!list_gate.status().ok()) return;
     auto list = OrphansOf(info_.slot);
     if (list.ok() && std::find(list->begin(), list->end(), ino) == list->end()) return;
   }
