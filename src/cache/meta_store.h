@@ -22,10 +22,10 @@
 //   forgets that AG's counts. For an inode lock it also drops every directory leaf
 //   block that is clean and home: until leaves have locks of their own, a
 //   directory's leaves are used under its inode lock, and the store cannot tell
-//   which directory a leaf belongs to. DropAll() does it for every block and forgets every
-//   AG's counts (another node may change them). An AG's header is read again by the
-//   first allocation or free in it, or by FreeBlocks() (a node that got the lock back
-//   only to read or to overwrite in place reads none).
+//   which directory a leaf belongs to. DropAll() does it for every block and forgets
+//   every AG's counts (another node may change them). An AG's header is read again by
+//   the first allocation or free in it, or by FreeBlocks() (a node that got the lock
+//   back only to read or to overwrite in place reads none).
 // - Every block read or written is checked against the LockManager (Acquire) on a
 //   cache miss, and on every write even when cached.
 //
