@@ -161,6 +161,16 @@ Status GateError(Status st) {
 bool GateAllowsWrite() { return t_gate == LockMode::kExclusive; }
 bool GateIsIntent() { return t_gate == LockMode::kIntent; }
 
+// Intent also when the node holds exclusive: that covers intent now, and a revoke
+// down to intent, perhaps already pending, keeps it. Asking shared there would wait
+// for that revoke and then ask shared beside intent, that is exclusive again, pulling
+// intent away from every other node at each read.
+bool Filesystem::ReadsUnderIntent() const {
+  if (!intent_locks_) return false;
+  const LockMode held = lsvc_->Held(kFsLock);
+  return held == LockMode::kIntent || held == LockMode::kExclusive;
+}
+
 Filesystem::Gate::Gate(Filesystem* fs, LockMode mode) : fs_(fs) {
   if (Covers(t_gate, mode)) return;
   if (t_gate != LockMode::kNone) {
@@ -187,15 +197,9 @@ Filesystem::InodeGate::InodeGate(Filesystem* fs, uint64_t ino, LockMode mode) : 
   LockMode fs_mode = mode;
   if (fs_->intent_locks_ && t_gate == LockMode::kIntent) {
     fs_mode = LockMode::kIntent;
-  } else if (fs_->intent_locks_ && t_gate == LockMode::kNone) {
-    // Intent also when the node holds exclusive: that covers intent now, and a revoke
-    // down to intent, perhaps already pending, keeps it. Asking shared there would
-    // wait for that revoke and then ask shared beside intent, that is exclusive again,
-    // pulling intent away from every other node at each read.
-    const LockMode held = fs_->lsvc_->Held(kFsLock);
-    const bool read_shared = mode == LockMode::kShared &&
-                             (held == LockMode::kNone || held == LockMode::kShared);
-    if (!read_shared) fs_mode = LockMode::kIntent;
+  } else if (fs_->intent_locks_ && t_gate == LockMode::kNone &&
+             (mode != LockMode::kShared || fs_->ReadsUnderIntent())) {
+    fs_mode = LockMode::kIntent;
   }
   gate_.emplace(fs_, fs_mode);
   st_ = gate_->status();
@@ -754,10 +758,7 @@ void Filesystem::MaybeFreeOrphan(uint64_t ino) {
     // meanwhile is looked at by whoever added it. The list is read under a shared
     // gate, or under intent on a node holding intent: asking shared beside it would
     // take intent from every node at each close.
-    const LockMode held = lsvc_->Held(kFsLock);
-    const bool intent =
-        intent_locks_ && (held == LockMode::kIntent || held == LockMode::kExclusive);
-    Gate list_gate(this, intent ? LockMode::kIntent : LockMode::kShared);
+    Gate list_gate(this, ReadsUnderIntent() ? LockMode::kIntent : LockMode::kShared);
     if (!list_gate.status().ok()) return;
     auto list = OrphansOf(info_.slot);
     if (list.ok() && std::find(list->begin(), list->end(), ino) == list->end()) return;

@@ -406,6 +406,9 @@ class Filesystem {
   Status CheckKnown(uint64_t ino);
   std::shared_ptr<InodeState> State(uint64_t ino);
   void MaybeFreeOrphan(uint64_t ino);
+  // Whether a read outside any gate should take the filesystem lock in intent rather
+  // than shared: with intent locks on, when this node holds intent or exclusive.
+  bool ReadsUnderIntent() const;
   // Unlink, Rmdir and Rename put an inode the kernel still references on this node's
   // orphan list, and the kernel's forget that lets it be freed comes after the reply,
   // queued behind every other forget (after the kernel dropped its dentry cache, tens
