@@ -26,9 +26,14 @@ uint64_t Mailbox::Room() const {
   // [BlockFirst(t) - kCapacity, +kMsgsPerRingBlock), is entirely below the floor.
   uint64_t limit = floor_ + kCapacity - kMsgsPerRingBlock;
   uint64_t last_ok = BlockFirst(limit) + kMsgsPerRingBlock - 1;
-  // The block being filled was admitted when it was started.
-  last_ok = std::max(last_ok, BlockFirst(next_seq_) + kMsgsPerRingBlock - 1);
-  return last_ok + 1 - next_seq_;
+  // The block being filled was admitted when its first message was written. A
+  // next_seq_ on a block boundary starts a new block, which must pass the test above
+  // (admitting it anyway let a writer go on a block per call past a reader that had
+  // read nothing: a reclaim larger than the ring overran a new master).
+  if (next_seq_ % kMsgsPerRingBlock != 0) {
+    last_ok = std::max(last_ok, BlockFirst(next_seq_) + kMsgsPerRingBlock - 1);
+  }
+  return last_ok + 1 > next_seq_ ? last_ok + 1 - next_seq_ : 0;
 }
 
 Status Mailbox::WriteBlock(uint64_t blk, uint8_t* data, BlockType t) {

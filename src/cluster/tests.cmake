@@ -1,4 +1,4 @@
-foreach(t membership paxos net_channel lock_service)
+foreach(t mailbox membership paxos net_channel lock_service)
   if(EXISTS ${CMAKE_CURRENT_LIST_DIR}/${t}_test.cc)
     agorafs_add_test(${t}_test ${CMAKE_CURRENT_LIST_DIR}/${t}_test.cc)
   endif()
